@@ -1,0 +1,30 @@
+// The whole C++ API on one screen: every op schema of linflow. Kernels register per dispatch key in their
+// family folders (csrc/<family>/cpu.cpp, csrc/<family>/cuda.cu).
+#include <torch/library.h>
+
+// Python imports linflow._C to load this library; it needs a module init symbol.
+#include <Python.h>
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(linflow, m) {
+  // Delta rule / Gated DeltaNet (ALGORITHMS.md §1). q,k [B,T,H,K]; v [B,T,H,V]; beta, g [B,T,H];
+  // initial_state [N,H,K,V]; cu_seqlens [N+1] (B == 1). Returns o [B,T,H,V] and the final state
+  // [N,H,K,V] (fp32; an empty tensor unless output_final_state).
+  m.def(
+      "delta_rule_fwd(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor? g, Tensor? initial_state, "
+      "Tensor? cu_seqlens, float scale, bool output_final_state, int chunk_size) -> (Tensor, Tensor)");
+  // Gradients of delta_rule_fwd: (dq, dk, dv, dbeta, dg, dinitial_state); dg / dinitial_state are empty
+  // tensors when g / initial_state are absent.
+  m.def(
+      "delta_rule_bwd(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor? g, Tensor? initial_state, "
+      "Tensor? cu_seqlens, Tensor grad_o, Tensor? grad_final_state, float scale, int chunk_size) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Recurrent decode step: q,k [B,T,H,K] (a few tokens), state [N,H,K,V] fp32 updated in place; row b of the
+  // batch uses state[state_indices[b]] (or state[b]). Returns o [B,T,H,V].
+  m.def(
+      "delta_rule_step(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor? g, Tensor(a!) state, "
+      "Tensor? state_indices, float scale) -> Tensor");
+}

@@ -1,0 +1,75 @@
+"""Build linflow's C++/CUDA extension.
+
+Environment switches:
+  LINFLOW_FORCE_CPU=1        build without CUDA sources even when a toolkit is present
+  TORCH_CUDA_ARCH_LIST=9.0   CUDA archs (default "9.0"; sm_90a is added for 9.0 so Hopper-only code is used)
+  MAX_JOBS, NVCC_THREADS     parallel compile jobs / nvcc threads per job
+  LINFLOW_DEBUG=1            -O0 -g, device line info
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda() -> bool:
+    if os.environ.get("LINFLOW_FORCE_CPU", "0") == "1":
+        return False
+    return CUDA_HOME is not None and torch.version.cuda is not None
+
+
+def sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "**", pattern), recursive=True))
+
+
+def nvcc_arch_flags() -> list[str]:
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0").replace(",", ";").replace(" ", ";")
+    flags = []
+    for arch in filter(None, archs.split(";")):
+        ptx = arch.endswith("+PTX")
+        num = arch.replace("+PTX", "").replace(".", "")
+        if num == "90":
+            num = "90a"  # Hopper: wgmma / setmaxnreg need the arch-specific target
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return flags
+
+
+def extension():
+    debug = os.environ.get("LINFLOW_DEBUG", "0") == "1"
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    cxx += ["-std=c++20", "-fopenmp"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    cpp_sources = sources("*.cpp")
+    if not want_cuda():
+        return CppExtension("linflow._C", cpp_sources, include_dirs=include_dirs,
+                            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0")
+    nvcc = ["-O3", "-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo",
+            "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+            "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+            f"--threads={os.environ.get('NVCC_THREADS', '2')}"] + nvcc_arch_flags()
+    if debug:
+        nvcc += ["-G"]
+    return CUDAExtension("linflow._C", cpp_sources + sources("*.cu"), include_dirs=include_dirs,
+                         define_macros=[("LINFLOW_WITH_CUDA", "1")],
+                         extra_compile_args={"cxx": cxx + ["-DLINFLOW_WITH_CUDA=1"], "nvcc": nvcc},
+                         extra_link_args=["-fopenmp"])
+
+
+setup(
+    name="linflow",
+    version="0.1.0",
+    description="Fast, tested C++/CUDA kernels for sub-quadratic sequence mixers (delta rule, Deltaformer, LION, ParallelFlow)",
+    package_dir={"": "python"},
+    packages=find_packages("python"),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6"],
+)
