@@ -40,6 +40,19 @@ def nvcc_arch_flags() -> list[str]:
     return flags
 
 
+def cuda_include_dirs() -> list[str]:
+    """Headers of the CUDA libraries torch's headers include (cusparse.h, cublas_v2.h, ...): a bare toolkit may lack
+    them; pip's nvidia-* wheels that come with torch have them."""
+    dirs = []
+    try:
+        import nvidia
+        for base in nvidia.__path__:
+            dirs += sorted(glob.glob(os.path.join(base, "cu*", "include")))
+    except ImportError:
+        pass
+    return [d for d in dirs if os.path.isdir(d)]
+
+
 def extension():
     debug = os.environ.get("LINFLOW_DEBUG", "0") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3"]
@@ -56,6 +69,10 @@ def extension():
             f"--threads={os.environ.get('NVCC_THREADS', '2')}"] + nvcc_arch_flags()
     if debug:
         nvcc += ["-G"]
+    # Searched after the toolkit's own headers, so only what the toolkit lacks comes from the wheels.
+    late = [f for d in cuda_include_dirs() for f in ("-idirafter", d)]
+    cxx += late
+    nvcc += late
     return CUDAExtension("linflow._C", cpp_sources + sources("*.cu"), include_dirs=include_dirs,
                          define_macros=[("LINFLOW_WITH_CUDA", "1")],
                          extra_compile_args={"cxx": cxx + ["-DLINFLOW_WITH_CUDA=1"], "nvcc": nvcc},

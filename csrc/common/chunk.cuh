@@ -1,0 +1,109 @@
+// Chunk machinery shared by every chunked family (delta rule, flow): where a chunk lives in a (possibly packed)
+// batch, the within-chunk cumulative log decay, and the WY / UT-transform inverse Tm = (I + A)^-1 with
+//   A[r,u] = beta_r (k_r . k_u) exp(gamma_r - gamma_u) for u < r   (ALGORITHMS.md §1).
+#pragma once
+#include <cstdint>
+
+#include "common/tile.cuh"
+
+namespace linflow::chunk {
+
+constexpr int C = 64;  // chunk length of the CUDA kernels
+
+// Where sequences and their chunk slots live. Dense: N = B sequences of length T at n*T. Varlen: cu_seqlens
+// (int64, device) gives the offsets. Per-chunk buffers (states) use slot = first_slot(n) + c with
+// first_slot(n) = floor(bos / C) + n for varlen (a sync-free upper bound: ceil(T/C) + N slots in all).
+struct SeqLayout {
+  const int64_t* cu;  // null: dense
+  int64_t T;          // dense length per sequence, or total packed length
+  int N;              // number of sequences
+
+  __device__ __forceinline__ void seq(int n, int64_t& bos, int64_t& len) const {
+    if (cu) {
+      bos = cu[n];
+      len = cu[n + 1] - bos;
+    } else {
+      bos = n * T;
+      len = T;
+    }
+  }
+  __device__ __forceinline__ int64_t first_slot(int n, int64_t bos) const {
+    return cu ? bos / C + n : n * ((T + C - 1) / C);
+  }
+  // Slot -> (sequence, chunk). Returns false for an unused slot.
+  __device__ __forceinline__ bool locate(int64_t slot, int& n, int64_t& c, int64_t& bos, int64_t& len) const {
+    if (!cu) {
+      const int64_t nc = (T + C - 1) / C;
+      n = static_cast<int>(slot / nc);
+      c = slot % nc;
+      bos = n * T;
+      len = T;
+      return n < N;
+    }
+    int lo = 0, hi = N - 1;  // last n with first_slot(n) <= slot
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (cu[mid] / C + mid <= slot) lo = mid; else hi = mid - 1;
+    }
+    n = lo;
+    bos = cu[n];
+    len = cu[n + 1] - bos;
+    c = slot - (bos / C + n);
+    return c * C < len;
+  }
+};
+
+inline int64_t num_slots(bool varlen, int64_t T, int64_t N) {
+  return varlen ? (T + C - 1) / C + N : N * ((T + C - 1) / C);
+}
+
+// gamma[r] = sum_{u <= r} g[u] over the chunk's valid rows (rows past the end repeat the last value, as if g = 0);
+// without gates gamma = 0. One thread scans: 64 adds, negligible next to the GEMMs.
+template <typename G>
+__device__ __forceinline__ void load_gamma(float* gam, const G* g, int64_t stride, int rows) {
+  if (threadIdx.x == 0) {
+    float s = 0.f;
+    for (int r = 0; r < C; ++r) {
+      if (g && r < rows) s += tile::to_f(g[r * stride]);
+      gam[r] = s;
+    }
+  }
+}
+
+template <typename B>
+__device__ __forceinline__ void load_rows(float* dst, const B* src, int64_t stride, int rows) {
+  for (int r = threadIdx.x; r < C; r += blockDim.x) dst[r] = r < rows ? tile::to_f(src[r * stride]) : 0.f;
+}
+
+// From Ks (the chunk's keys, C x KP half tile) and beta, gamma: KKE = (K K^T) o E on r >= u (fp32, ld_f(C)), and
+// Tm = (I + A)^-1 (fp32, ld_f(C)) by forward substitution. Each column of Tm depends only on the same column of
+// earlier rows, so 4 lanes own a column (64 columns x 4 = 256 threads) and no block barrier is needed inside.
+// Requires blockDim.x == 256. Ends with a block barrier.
+template <int KP, typename T>
+__device__ void wy_inverse(const T* Ks, const float* beta, const float* gam, float* KKE, float* Tm) {
+  constexpr int LD = tile::ld_f(C);
+  tile::gemm<C, C, KP, true, false, false>(Ks, tile::ld_h(KP), Ks, tile::ld_h(KP), KKE, LD);
+  __syncthreads();
+  for (int i = threadIdx.x; i < C * C; i += blockDim.x) {
+    const int r = i / C, u = i % C;
+    KKE[r * LD + u] = u <= r ? KKE[r * LD + u] * __expf(gam[r] - gam[u]) : 0.f;
+  }
+  __syncthreads();
+  const int j = threadIdx.x / 4, lane = threadIdx.x % 4;
+  if (lane == 0) for (int r = 0; r <= j; ++r) Tm[r * LD + j] = r == j ? 1.f : 0.f;
+  __syncwarp();
+  for (int r = 1; r < C; ++r) {
+    float part = 0.f;
+    if (r > j) {
+      const float b = beta[r];
+      for (int u = j + lane; u < r; u += 4) part += b * KKE[r * LD + u] * Tm[u * LD + j];
+    }
+    part += __shfl_xor_sync(0xffffffff, part, 1);
+    part += __shfl_xor_sync(0xffffffff, part, 2);
+    if (r > j && lane == 0) Tm[r * LD + j] = -part;
+    __syncwarp();
+  }
+  __syncthreads();
+}
+
+}  // namespace linflow::chunk

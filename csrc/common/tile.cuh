@@ -1,0 +1,110 @@
+// Tile helpers for chunk kernels: global <-> shared-memory tile moves with zero fill, and a shared-memory GEMM on
+// tensor cores (WMMA 16x16x16, bf16/fp16 operands, fp32 accumulation). A block's warps split the 16x16 output tiles.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace linflow::tile {
+
+template <typename T> __device__ __forceinline__ float to_f(T x) { return static_cast<float>(x); }
+template <> __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <> __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x) { return static_cast<T>(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f(float x) { return __float2bfloat16(x); }
+template <> __device__ __forceinline__ __half from_f(float x) { return __float2half(x); }
+
+// Padded leading dimensions: +8 halves / +4 floats (16 bytes) break shared-memory bank conflicts and keep every
+// 16-row WMMA tile 32-byte aligned.
+__host__ __device__ constexpr int ld_h(int cols) { return cols + 8; }
+__host__ __device__ constexpr int ld_f(int cols) { return cols + 4; }
+
+// dst[r][c] = scale_r * src[r * row_stride + c] for r < rows, c < cols, else 0; dst is ROWS x COLS (ld = ld_h(COLS)).
+// scale may be null (1). Vector (16-byte) loads when `vec` (cols % 8 == 0 and aligned pointers/strides).
+template <int ROWS, int COLS, typename T>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stride, int rows, int cols, bool vec,
+                                          const float* scale = nullptr, bool negate = false) {
+  constexpr int LD = ld_h(COLS);
+  if (vec && scale == nullptr && !negate) {
+    constexpr int V8 = COLS / 8;
+    for (int i = threadIdx.x; i < ROWS * V8; i += blockDim.x) {
+      const int r = i / V8, c = (i % V8) * 8;
+      uint4 val = make_uint4(0, 0, 0, 0);
+      if (r < rows && c < cols) val = *reinterpret_cast<const uint4*>(src + r * row_stride + c);
+      *reinterpret_cast<uint4*>(dst + r * LD + c) = val;
+    }
+  } else {
+    for (int i = threadIdx.x; i < ROWS * COLS; i += blockDim.x) {
+      const int r = i / COLS, c = i % COLS;
+      float x = 0.f;
+      if (r < rows && c < cols) {
+        x = to_f(src[r * row_stride + c]);
+        if (scale) x *= scale[r];
+        if (negate) x = -x;
+      }
+      dst[r * LD + c] = from_f<T>(x);
+    }
+  }
+}
+
+// Same as load_tile, into an fp32 tile (ld = ld_f(COLS)); src of any element type.
+template <int ROWS, int COLS, typename S>
+__device__ __forceinline__ void load_tile_f(float* dst, const S* src, int64_t row_stride, int rows, int cols) {
+  constexpr int LD = ld_f(COLS);
+  for (int i = threadIdx.x; i < ROWS * COLS; i += blockDim.x) {
+    const int r = i / COLS, c = i % COLS;
+    dst[r * LD + c] = (r < rows && c < cols) ? to_f(src[r * row_stride + c]) : 0.f;
+  }
+}
+
+// dst[r * row_stride + c] = src[r][c] (fp32 tile, ld_f(COLS)) for r < rows, c < cols; D is the output type.
+template <int ROWS, int COLS, typename D>
+__device__ __forceinline__ void store_tile(D* dst, int64_t row_stride, const float* src, int rows, int cols) {
+  constexpr int LD = ld_f(COLS);
+  for (int i = threadIdx.x; i < ROWS * COLS; i += blockDim.x) {
+    const int r = i / COLS, c = i % COLS;
+    if (r < rows && c < cols) dst[r * row_stride + c] = from_f<D>(src[r * LD + c]);
+  }
+}
+
+// Half tile copy of an fp32 tile: dst (T, ld_h) = src (fp32, ld_f).
+template <int ROWS, int COLS, typename T>
+__device__ __forceinline__ void to_half_tile(T* dst, const float* src) {
+  for (int i = threadIdx.x; i < ROWS * COLS; i += blockDim.x) {
+    const int r = i / COLS, c = i % COLS;
+    dst[r * ld_h(COLS) + c] = from_f<T>(src[r * ld_f(COLS) + c]);
+  }
+}
+
+// C (fp32, row-major, ldc) = [C +] A . B on tensor cores.
+//   A is M x KD: row-major A[m * lda + k] if A_ROW, else column-major A[k * lda + m] (i.e. a transposed row-major tile)
+//   B is KD x N: row-major B[k * ldb + n] if B_ROW, else column-major B[n * ldb + k]
+template <int M, int N, int KD, bool A_ROW, bool B_ROW, bool ACC, typename T>
+__device__ __forceinline__ void gemm(const T* A, int lda, const T* B, int ldb, float* C, int ldc) {
+  using namespace nvcuda;
+  using LA = std::conditional_t<A_ROW, wmma::row_major, wmma::col_major>;
+  using LB = std::conditional_t<B_ROW, wmma::row_major, wmma::col_major>;
+  static_assert(M % 16 == 0 && N % 16 == 0 && KD % 16 == 0, "tile dims must be multiples of 16");
+  constexpr int TN = N / 16;
+  const int warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+  for (int t = warp; t < (M / 16) * TN; t += nwarps) {
+    const int tm = t / TN, tn = t % TN;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    if constexpr (ACC) wmma::load_matrix_sync(acc, C + tm * 16 * ldc + tn * 16, ldc, wmma::mem_row_major);
+    else wmma::fill_fragment(acc, 0.f);
+#pragma unroll 4
+    for (int kk = 0; kk < KD; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LA> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LB> b;
+      wmma::load_matrix_sync(a, A_ROW ? A + tm * 16 * lda + kk : A + kk * lda + tm * 16, lda);
+      wmma::load_matrix_sync(b, B_ROW ? B + kk * ldb + tn * 16 : B + tn * 16 * ldb + kk, ldb);
+      wmma::mma_sync(acc, a, b, acc);
+    }
+    wmma::store_matrix_sync(C + tm * 16 * ldc + tn * 16, acc, ldc, wmma::mem_row_major);
+  }
+}
+
+}  // namespace linflow::tile
