@@ -41,16 +41,37 @@ def nvcc_arch_flags() -> list[str]:
 
 
 def cuda_include_dirs() -> list[str]:
-    """Headers of the CUDA libraries torch's headers include (cusparse.h, cublas_v2.h, ...): a bare toolkit may lack
-    them; pip's nvidia-* wheels that come with torch have them."""
-    dirs = []
+    """Headers of the CUDA libraries torch's headers include (cusparse.h, ...). A bare toolkit may lack them; then
+    take them from pip's nvidia wheels that come with torch."""
+    if os.path.exists(os.path.join(CUDA_HOME, "include", "cusparse.h")):
+        return []
     try:
         import nvidia
-        for base in nvidia.__path__:
-            dirs += sorted(glob.glob(os.path.join(base, "cu*", "include")))
     except ImportError:
-        pass
-    return [d for d in dirs if os.path.isdir(d)]
+        return []
+    return [d for base in nvidia.__path__ for d in sorted(glob.glob(os.path.join(base, "cu1*", "include")))]
+
+
+def cudart_link_dirs() -> list[str]:
+    """torch's build links -lcudart. A bare toolkit may ship no libcudart.so; then link against the wheel's
+    libcudart.so.<major> through a symlink in build/ (at run time torch has already loaded it)."""
+    for d in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib")):
+        if os.path.exists(os.path.join(CUDA_HOME, d, "libcudart.so")):
+            return []
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    libs = [p for base in nvidia.__path__ for p in sorted(glob.glob(os.path.join(base, "cu1*", "lib", "libcudart.so.*")))]
+    if not libs:
+        return []
+    shim = os.path.join(ROOT, "build", "cudart_shim")
+    os.makedirs(shim, exist_ok=True)
+    link = os.path.join(shim, "libcudart.so")
+    if os.path.lexists(link):
+        os.remove(link)
+    os.symlink(libs[0], link)
+    return [shim]
 
 
 def extension():
@@ -69,14 +90,14 @@ def extension():
             f"--threads={os.environ.get('NVCC_THREADS', '2')}"] + nvcc_arch_flags()
     if debug:
         nvcc += ["-G"]
-    # Searched after the toolkit's own headers, so only what the toolkit lacks comes from the wheels.
-    late = [f for d in cuda_include_dirs() for f in ("-idirafter", d)]
+    # -isystem: searched after the toolkit's own -I headers, so only what the toolkit lacks comes from the wheels.
+    late = [f for d in cuda_include_dirs() for f in ("-isystem", d)]
     cxx += late
     nvcc += late
     return CUDAExtension("linflow._C", cpp_sources + sources("*.cu"), include_dirs=include_dirs,
                          define_macros=[("LINFLOW_WITH_CUDA", "1")],
                          extra_compile_args={"cxx": cxx + ["-DLINFLOW_WITH_CUDA=1"], "nvcc": nvcc},
-                         extra_link_args=["-fopenmp"])
+                         library_dirs=cudart_link_dirs(), extra_link_args=["-fopenmp"])
 
 
 setup(
