@@ -57,17 +57,27 @@ inline int64_t num_slots(bool varlen, int64_t T, int64_t N) {
   return varlen ? (T + C - 1) / C + N : N * ((T + C - 1) / C);
 }
 
-// gamma[r] = sum_{u <= r} g[u] over the chunk's valid rows (rows past the end repeat the last value, as if g = 0);
-// without gates gamma = 0. One thread scans: 64 adds, negligible next to the GEMMs.
+// gamma[r] = sum_{u <= r} src[u] over the chunk's valid rows (rows past the end repeat the last value, as if g = 0).
+// Warp 0 scans (two values a lane, shuffles); src may be shared or global memory, with a row stride.
+template <typename G>
+__device__ __forceinline__ void cumsum_rows(float* gam, const G* src, int64_t stride, int rows) {
+  if (threadIdx.x >= 32) return;
+  const int lane = threadIdx.x;
+  const float a = (src && 2 * lane < rows) ? tile::to_f(src[2 * lane * stride]) : 0.f;
+  const float b = (src && 2 * lane + 1 < rows) ? tile::to_f(src[(2 * lane + 1) * stride]) : 0.f;
+  float x = a + b;
+#pragma unroll
+  for (int off = 1; off < 32; off *= 2) {
+    const float y = __shfl_up_sync(0xffffffff, x, off);
+    if (lane >= off) x += y;
+  }
+  gam[2 * lane] = x - b;
+  gam[2 * lane + 1] = x;
+}
+
 template <typename G>
 __device__ __forceinline__ void load_gamma(float* gam, const G* g, int64_t stride, int rows) {
-  if (threadIdx.x == 0) {
-    float s = 0.f;
-    for (int r = 0; r < C; ++r) {
-      if (g && r < rows) s += tile::to_f(g[r * stride]);
-      gam[r] = s;
-    }
-  }
+  cumsum_rows(gam, g, stride, rows);
 }
 
 template <typename B>
@@ -76,8 +86,9 @@ __device__ __forceinline__ void load_rows(float* dst, const B* src, int64_t stri
 }
 
 // From Ks (the chunk's keys, C x KP half tile) and beta, gamma: KKE = (K K^T) o E on r >= u (fp32, ld_f(C)), and
-// Tm = (I + A)^-1 (fp32, ld_f(C)) by forward substitution. Each column of Tm depends only on the same column of
-// earlier rows, so 4 lanes own a column (64 columns x 4 = 256 threads) and no block barrier is needed inside.
+// Tm = (I + A)^-1 (fp32, ld_f(C)) by forward substitution, Tm[r][j] = -sum_{u<r} A[r][u] Tm[u][j] (r > j).
+// A column of Tm depends only on the same column of earlier rows: 4 lanes own column j = tid / 4, lane l keeps
+// rows u = l (mod 4) in registers (fully unrolled, compile-time indices), rows of A are broadcast reads.
 // Requires blockDim.x == 256. Ends with a block barrier.
 template <int KP, typename T>
 __device__ void wy_inverse(const T* Ks, const float* beta, const float* gam, float* KKE, float* Tm) {
@@ -89,20 +100,23 @@ __device__ void wy_inverse(const T* Ks, const float* beta, const float* gam, flo
     KKE[r * LD + u] = u <= r ? KKE[r * LD + u] * __expf(gam[r] - gam[u]) : 0.f;
   }
   __syncthreads();
-  const int j = threadIdx.x / 4, lane = threadIdx.x % 4;
-  if (lane == 0) for (int r = 0; r <= j; ++r) Tm[r * LD + j] = r == j ? 1.f : 0.f;
-  __syncwarp();
+  const int j = threadIdx.x / 4, l = threadIdx.x % 4;
+  float t[C / 4];  // t[i] = Tm[4 i + l][j]
+#pragma unroll
+  for (int i = 0; i < C / 4; ++i) t[i] = (4 * i + l == j) ? 1.f : 0.f;
+#pragma unroll
   for (int r = 1; r < C; ++r) {
+    const float* a = KKE + r * LD;
     float part = 0.f;
-    if (r > j) {
-      const float b = beta[r];
-      for (int u = j + lane; u < r; u += 4) part += b * KKE[r * LD + u] * Tm[u * LD + j];
-    }
+#pragma unroll
+    for (int i = 0; i < C / 4; ++i)
+      if (4 * i < r) part += (4 * i + l < r ? a[4 * i + l] : 0.f) * t[i];
     part += __shfl_xor_sync(0xffffffff, part, 1);
     part += __shfl_xor_sync(0xffffffff, part, 2);
-    if (r > j && lane == 0) Tm[r * LD + j] = -part;
-    __syncwarp();
+    if (r > j && l == r % 4) t[r / 4] = -beta[r] * part;
   }
+#pragma unroll
+  for (int i = 0; i < C / 4; ++i) Tm[(4 * i + l) * LD + j] = t[i];
   __syncthreads();
 }
 

@@ -36,6 +36,10 @@ struct SmemCarver {
 };
 
 using chunk::C;
+
+// Double-buffer pick without a run-time array index (which would put the pointer array in local memory).
+template <typename X>
+__device__ __forceinline__ X* pick(X* const (&buf)[2], int b) { return b ? buf[1] : buf[0]; }
 using tile::ld_f;
 using tile::ld_h;
 
@@ -85,32 +89,38 @@ __global__ void __launch_bounds__(256) wy_fwd_kernel(FwdParams p) {
   __syncthreads();
   tile::gemm<C, KP, C, true, true, false>(s.Tmh, ld_h(C), s.Ks, ld_h(KP), s.Wf, ld_f(KP));
   __syncthreads();
-  tile::store_tile<C, KP>(static_cast<T*>(p.w) + (tok0 * H + h) * K, H * K, s.Wf, rows, p.K);
+  tile::store_tile<C, KP>(static_cast<T*>(p.w) + (tok0 * H + h) * K, H * K, s.Wf, rows, p.K, p.vec_k);
   for (int v0 = 0; v0 < p.V; v0 += 64) {
     const int cols = min(64, p.V - v0);
-    tile::load_tile<C, 64>(s.Vs, static_cast<const T*>(p.v) + (tok0 * H + h) * V + v0, H * V, rows, cols, false, s.beta);
+    tile::load_tile<C, 64>(s.Vs, static_cast<const T*>(p.v) + (tok0 * H + h) * V + v0, H * V, rows, cols, p.vec_v && cols % 8 == 0, s.beta);
     __syncthreads();
     tile::gemm<C, 64, C, true, true, false>(s.Tmh, ld_h(C), s.Vs, ld_h(64), s.Uf, ld_f(64));
     __syncthreads();
-    tile::store_tile<C, 64>(static_cast<T*>(p.u) + (tok0 * H + h) * V + v0, H * V, s.Uf, rows, cols);
+    tile::store_tile<C, 64>(static_cast<T*>(p.u) + (tok0 * H + h) * V + v0, H * V, s.Uf, rows, cols, p.vec_v && cols % 8 == 0);
     __syncthreads();
   }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// The chunk loop is latency-bound: the next chunk's W, K, U tiles and gates stream in (cp.async, two stages)
+// while the current chunk computes. S stays in shared memory in fp32; its bf16/fp16 copy feeds the tensor cores.
 template <int KP, int BV, typename T>
 struct StateFwdSmem {
-  T *Sh, *Wn, *Kd, *Vnh;
-  float *S, *Vnf, *gam, *kd_scale;
+  T *W[2], *Kr[2], *U[2], *Sh, *Vnh;
+  float *S, *WS, *g[2], *gam, *kd_scale;
   __host__ __device__ static size_t carve(char* base, StateFwdSmem* s) {
     SmemCarver sc{base};
     StateFwdSmem t;
+    for (int b = 0; b < 2; ++b) {
+      t.W[b] = sc.take<T>(C * ld_h(KP));
+      t.Kr[b] = sc.take<T>(C * ld_h(KP));
+      t.U[b] = sc.take<T>(C * ld_h(BV));
+      t.g[b] = sc.take<float>(C);
+    }
     t.Sh = sc.take<T>(KP * ld_h(BV));
-    t.Wn = sc.take<T>(C * ld_h(KP));
-    t.Kd = sc.take<T>(C * ld_h(KP));
     t.Vnh = sc.take<T>(C * ld_h(BV));
     t.S = sc.take<float>(KP * ld_f(BV));
-    t.Vnf = sc.take<float>(C * ld_f(BV));
+    t.WS = sc.take<float>(C * ld_f(BV));
     t.gam = sc.take<float>(C);
     t.kd_scale = sc.take<float>(C);
     if (s) *s = t;
@@ -129,29 +139,47 @@ __global__ void __launch_bounds__(256) state_fwd_kernel(FwdParams p) {
   int64_t bos, len;
   p.seq.seq(n, bos, len);
   const int64_t slot0 = p.seq.first_slot(n, bos), nc = (len + C - 1) / C;
-  tile::load_tile_f<KP, BV>(s.S, p.h0 ? p.h0 + (n * H + h) * K * V + v0 : p.h0, V, p.h0 ? p.K : 0, cols);
-  for (int64_t c = 0; c < nc; ++c) {
-    const int rows = static_cast<int>(len - c * C < C ? len - c * C : C);
+  const bool vec_v = p.vec_v && cols % 8 == 0;
+  auto prefetch = [&](int64_t c) {
+    const int b = c & 1, rows = static_cast<int>(len - c * C < C ? len - c * C : C);
     const int64_t tok0 = bos + c * C;
-    __syncthreads();  // S final from the previous chunk
+    tile::fetch_tile<C, KP>(pick(s.W, b), static_cast<const T*>(p.w) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
+    tile::fetch_tile<C, KP>(pick(s.Kr, b), static_cast<const T*>(p.k) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
+    tile::fetch_tile<C, BV>(pick(s.U, b), static_cast<const T*>(p.u) + (tok0 * H + h) * V + v0, H * V, rows, cols, vec_v);
+    if (p.g) tile::fetch_column<C>(pick(s.g, b), p.g + tok0 * H + h, H, rows);
+    tile::cp_async_commit();
+  };
+  tile::load_tile_f<KP, BV>(s.S, p.h0 ? p.h0 + (n * H + h) * K * V + v0 : p.h0, V, p.h0 ? p.K : 0, cols);
+  if (nc > 0) prefetch(0);
+  for (int64_t c = 0; c < nc; ++c) {
+    const int b = c & 1, rows = static_cast<int>(len - c * C < C ? len - c * C : C);
+    const int64_t tok0 = bos + c * C;
+    if (c + 1 < nc) {
+      prefetch(c + 1);
+      tile::cp_async_wait<1>();
+    } else {
+      tile::cp_async_wait<0>();
+    }
+    __syncthreads();  // chunk c's tiles landed; S final from chunk c-1
     tile::to_half_tile<KP, BV>(s.Sh, s.S);
-    tile::store_tile<KP, BV>(static_cast<T*>(p.h) + ((slot0 + c) * H + h) * K * V + v0, V, s.S, p.K, cols);
-    tile::load_tile<C, KP>(s.Wn, static_cast<const T*>(p.w) + (tok0 * H + h) * K, H * K, rows, p.K, false, nullptr, true);
-    tile::load_tile_f<C, BV>(s.Vnf, static_cast<const T*>(p.u) + (tok0 * H + h) * V + v0, H * V, rows, cols);
-    chunk::load_gamma(s.gam, p.g ? p.g + tok0 * H + h : nullptr, H, rows);
+    tile::store_tile<KP, BV>(static_cast<T*>(p.h) + ((slot0 + c) * H + h) * K * V + v0, V, s.S, p.K, cols, vec_v);
+    chunk::cumsum_rows(s.gam, p.g ? pick(s.g, b) : nullptr, 1, rows);
     __syncthreads();
     if (threadIdx.x < C) s.kd_scale[threadIdx.x] = __expf(s.gam[C - 1] - s.gam[threadIdx.x]);
-    tile::gemm<C, BV, KP, true, true, true>(s.Wn, ld_h(KP), s.Sh, ld_h(BV), s.Vnf, ld_f(BV));  // Vn = U - W S
+    tile::gemm<C, BV, KP, true, true, false>(pick(s.W, b), ld_h(KP), s.Sh, ld_h(BV), s.WS, ld_f(BV));  // W S
     __syncthreads();
-    tile::load_tile<C, KP>(s.Kd, static_cast<const T*>(p.k) + (tok0 * H + h) * K, H * K, rows, p.K, false, s.kd_scale);
-    tile::store_tile<C, BV>(static_cast<T*>(p.vn) + (tok0 * H + h) * V + v0, H * V, s.Vnf, rows, cols);
-    tile::to_half_tile<C, BV>(s.Vnh, s.Vnf);
-    const float decay = __expf(s.gam[C - 1]);
-    for (int i = threadIdx.x; i < KP * BV; i += blockDim.x) s.S[(i / BV) * ld_f(BV) + i % BV] *= decay;
+    for (int i = threadIdx.x; i < C * BV; i += blockDim.x) {  // Vn = U - W S; feed diag(e^(gamma_C - gamma)) Vn
+      const int r = i / BV, col = i % BV;
+      const float vn = tile::to_f(pick(s.U, b)[r * ld_h(BV) + col]) - s.WS[r * ld_f(BV) + col];
+      s.WS[r * ld_f(BV) + col] = vn;
+      s.Vnh[r * ld_h(BV) + col] = tile::from_f<T>(vn * s.kd_scale[r]);
+    }
     __syncthreads();
-    tile::gemm<KP, BV, C, false, true, true>(s.Kd, ld_h(KP), s.Vnh, ld_h(BV), s.S, ld_f(BV));  // S += Kd^T Vn
+    tile::store_tile<C, BV>(static_cast<T*>(p.vn) + (tok0 * H + h) * V + v0, H * V, s.WS, rows, cols, vec_v);
+    tile::gemm<KP, BV, C, false, true, true>(pick(s.Kr, b), ld_h(KP), s.Vnh, ld_h(BV), s.S, ld_f(BV),
+                                             __expf(s.gam[C - 1]));  // S = e^gamma_C S + K^T Vn'
+    __syncthreads();  // buffer b is refilled by the prefetch of chunk c+2
   }
-  __syncthreads();
   if (p.ht) tile::store_tile<KP, BV>(p.ht + (n * H + h) * K * V + v0, V, s.S, p.K, cols);
 }
 
@@ -190,8 +218,8 @@ __global__ void __launch_bounds__(256) output_fwd_kernel(FwdParams p) {
   const int64_t tok0 = bos + c * C, H = p.H, K = p.K, V = p.V, slot = blockIdx.x;
   tile::load_tile<C, KP>(s.Qs, static_cast<const T*>(p.q) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
   tile::load_tile<C, KP>(s.Ks, static_cast<const T*>(p.k) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
-  tile::load_tile<KP, BV>(s.Hs, static_cast<const T*>(p.h) + (slot * H + h) * K * V + v0, V, p.K, cols, p.vec_v);
-  tile::load_tile<C, BV>(s.Vnh, static_cast<const T*>(p.vn) + (tok0 * H + h) * V + v0, H * V, rows, cols, p.vec_v);
+  tile::load_tile<KP, BV>(s.Hs, static_cast<const T*>(p.h) + (slot * H + h) * K * V + v0, V, p.K, cols, p.vec_v && cols % 8 == 0);
+  tile::load_tile<C, BV>(s.Vnh, static_cast<const T*>(p.vn) + (tok0 * H + h) * V + v0, H * V, rows, cols, p.vec_v && cols % 8 == 0);
   chunk::load_gamma(s.gam, p.g ? p.g + tok0 * H + h : nullptr, H, rows);
   __syncthreads();
   tile::gemm<C, C, KP, true, false, false>(s.Qs, ld_h(KP), s.Ks, ld_h(KP), s.P, ld_f(C));  // Q K^T
@@ -209,7 +237,7 @@ __global__ void __launch_bounds__(256) output_fwd_kernel(FwdParams p) {
   __syncthreads();
   tile::gemm<C, BV, C, true, true, true>(s.Ph, ld_h(C), s.Vnh, ld_h(BV), s.Of, ld_f(BV));
   __syncthreads();
-  tile::store_tile<C, BV>(static_cast<T*>(p.o) + (tok0 * H + h) * V + v0, H * V, s.Of, rows, cols);
+  tile::store_tile<C, BV>(static_cast<T*>(p.o) + (tok0 * H + h) * V + v0, H * V, s.Of, rows, cols, p.vec_v && cols % 8 == 0);
 }
 
 }  // namespace linflow::delta_rule
