@@ -191,4 +191,47 @@ __device__ __forceinline__ void gemm(const T* A, int lda, const T* B, int ldb, f
   }
 }
 
+// Accumulators that stay in registers across a loop: warp w owns output tiles w, w + 8, ... of an M x N product.
+using FragAcc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+
+template <int NT>
+__device__ __forceinline__ void zero_frags(FragAcc (&acc)[NT]) {
+#pragma unroll
+  for (int i = 0; i < NT; ++i) nvcuda::wmma::fill_fragment(acc[i], 0.f);
+}
+
+// acc += A . B (layouts as in gemm) for the warp's own tiles; (M/16)(N/16) == NT * 8.
+template <int M, int N, int KD, bool A_ROW, bool B_ROW, int NT, typename T>
+__device__ __forceinline__ void gemm_frags(const T* A, int lda, const T* B, int ldb, FragAcc (&acc)[NT]) {
+  using namespace nvcuda;
+  using LA = std::conditional_t<A_ROW, wmma::row_major, wmma::col_major>;
+  using LB = std::conditional_t<B_ROW, wmma::row_major, wmma::col_major>;
+  static_assert((M / 16) * (N / 16) == NT * (kThreads / 32), "one tile set per warp");
+  constexpr int TN = N / 16;
+  const int warp = threadIdx.x / 32;
+#pragma unroll
+  for (int i = 0; i < NT; ++i) {
+    const int t = warp + i * (kThreads / 32), tm = t / TN, tn = t % TN;
+#pragma unroll
+    for (int kk = 0; kk < KD; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LA> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LB> b;
+      wmma::load_matrix_sync(a, A_ROW ? A + tm * 16 * lda + kk : A + kk * lda + tm * 16, lda);
+      wmma::load_matrix_sync(b, B_ROW ? B + kk * ldb + tn * 16 : B + tn * 16 * ldb + kk, ldb);
+      wmma::mma_sync(acc[i], a, b, acc[i]);
+    }
+  }
+}
+
+template <int N, int NT>
+__device__ __forceinline__ void store_frags(float* C, int ldc, const FragAcc (&acc)[NT]) {
+  constexpr int TN = N / 16;
+  const int warp = threadIdx.x / 32;
+#pragma unroll
+  for (int i = 0; i < NT; ++i) {
+    const int t = warp + i * (kThreads / 32), tm = t / TN, tn = t % TN;
+    nvcuda::wmma::store_matrix_sync(C + tm * 16 * ldc + tn * 16, acc[i], ldc, nvcuda::wmma::mem_row_major);
+  }
+}
+
 }  // namespace linflow::tile
