@@ -239,7 +239,7 @@ __global__ void __launch_bounds__(256) chunk_bwd_kernel(BwdParams b) {
       part += __shfl_xor_sync(0xffffffff, part, 2);
       if (threadIdx.x % 4 == 0) s.dbeta[r] += part;
       T* dst = static_cast<T*>(b.dv) + tv + static_cast<int64_t>(r) * H * V + c0;
-      if (r < rows) {
+      if (r < rows && c0 < cols) {
         if (vec) {
           *reinterpret_cast<uint4*>(dst) = tile::pack8<T>(dv8);
         } else {
@@ -311,6 +311,7 @@ __global__ void __launch_bounds__(256) chunk_bwd_kernel(BwdParams b) {
   tile::gemm<C, KP, C, true, true, true>(s.dQKh, ld_h(C), s.Ks, ld_h(KP), s.S1, ld_f(KP));
   __syncthreads();
   tile::store_tile<C, KP>(static_cast<T*>(b.dq) + (tok0 * H + h) * K, H * K, s.S1, rows, p.K, p.vec_k);
+  __syncthreads();  // S1 is reused below
 
   // dk = e^(gC - gamma) o dKd + beta e^gamma o dKb + dQK^T Q + G K + G^T K
   tile::store_frags<KP>(s.S1, ld_f(KP), dKd);
