@@ -10,6 +10,7 @@
 #include "delta_rule/delta_rule.h"
 #include "delta_rule/kernels.cuh"
 #include "delta_rule/kernels_bwd.cuh"
+#include "delta_rule/step_cuda.h"
 
 namespace linflow::delta_rule {
 namespace {
@@ -179,5 +180,5 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_cuda(
 TORCH_LIBRARY_IMPL(linflow, CUDA, m) {
   m.impl("delta_rule_fwd", &linflow::delta_rule::fwd_cuda);
   m.impl("delta_rule_bwd", &linflow::delta_rule::bwd_cuda);
-  m.impl("delta_rule_step", &linflow::delta_rule::step_aten);
+  m.impl("delta_rule_step", &linflow::delta_rule::step_cuda);
 }

@@ -33,7 +33,11 @@ Tensor step_aten(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
   check_step_args(q, k, v, beta, g, state, state_indices);
   const auto acc = state.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const bool indexed = state_indices.has_value() && state_indices->defined();
-  Tensor S = (indexed ? state.index_select(0, *state_indices) : state).to(acc);  // [B, H, K, V]
+  // A negative index marks a padding row of the batch: it reads a zero state, writes nothing and outputs zeros.
+  Tensor idx = indexed ? state_indices->to(at::kLong) : Tensor();
+  Tensor valid = indexed ? idx.ge(0) : Tensor();
+  Tensor S = (indexed ? state.index_select(0, idx.clamp_min(0)) : state).to(acc);  // [B, H, K, V]
+  if (indexed) S = S * valid.view({-1, 1, 1, 1}).to(acc);
   Tensor o = at::empty_like(v);
   for (int64_t t = 0; t < q.size(1); ++t) {
     Tensor kt = k.select(1, t).to(acc), qt = q.select(1, t).to(acc), vt = v.select(1, t).to(acc);
@@ -43,10 +47,13 @@ Tensor step_aten(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
     S = S + kt.unsqueeze(-1) * delta.unsqueeze(-2);
     o.select(1, t).copy_(at::matmul(qt.unsqueeze(-2), S).squeeze(-2) * scale);
   }
-  if (indexed)
-    state.index_copy_(0, *state_indices, S.to(state.scalar_type()));
-  else
+  if (indexed) {
+    Tensor rows = valid.nonzero().squeeze(1);  // host sync: the CPU path only (CUDA has its own kernel)
+    state.index_copy_(0, idx.index_select(0, rows), S.index_select(0, rows).to(state.scalar_type()));
+    o.mul_(valid.view({-1, 1, 1, 1}).to(o.scalar_type()));
+  } else {
     state.copy_(S);
+  }
   return o;
 }
 

@@ -57,8 +57,8 @@ Tensor step_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
 
   constexpr int64_t int_max = std::numeric_limits<int>::max();
   const int64_t blocks = (V + step::BV - 1) / step::BV * H * B;
-  TORCH_CHECK(B <= int_max && T <= int_max && H <= int_max && blocks <= int_max, "delta_rule_step: B = ", B, ", T = ", T,
-              ", H = ", H, " too large for one launch");
+  TORCH_CHECK(T <= int_max && blocks <= int_max, "delta_rule_step: B = ", B, ", T = ", T, ", H = ", H,
+              " is too large for one launch (T and ceil(V / 32) * H * B must fit in int32)");
   const bool gated = g.has_value() && g->defined();
   const bool indexed = state_indices.has_value() && state_indices->defined();
 

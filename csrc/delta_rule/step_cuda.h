@@ -1,5 +1,7 @@
-// Delta rule decode step on CUDA (step_cuda.cu): same contract as step_aten, plus padding rows (state_indices[b] < 0:
-// the state is left alone and o[b] = 0). fp32 state runs the single-pass kernel (step_kernel.cuh); others, step_aten.
+// Delta rule decode step on CUDA (step_cuda.cu): the contract of step_aten, plus padding rows: state_indices[b] < 0
+// leaves the state alone and writes o[b] = 0 (step_aten rejects negative indices). Indices >= 0 must be distinct (two
+// rows naming one slot race) and < N (device-side assert). An fp32 state runs the single-pass kernel
+// (step_kernel.cuh); a bf16/fp16 state runs step_aten.
 #pragma once
 #include <ATen/ATen.h>
 #include <optional>

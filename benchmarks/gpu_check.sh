@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# The one command for the GPU machine: environment, in-place build, tests (LINFLOW_POISON=1), delta rule benchmark.
+#
+#   bash benchmarks/gpu_check.sh            (run from anywhere; carry .fla for the fla rows)
+#
+# Environment switches:
+#   SKIP_BUILD=1   reuse python/linflow/_C*.so        SKIP_TESTS=1   no pytest         SKIP_BENCH=1   no benchmark
+#   TESTS="tests/test_delta_rule.py"   pytest selection (default: tests)
+#   BENCH_ARGS="--quick --shapes 8x4096"   extra arguments of benchmarks/bench_delta_rule.py
+#   BUDGET_S=480   wall-clock budget of the whole script; the benchmark gets what build and tests leave
+#   BUILD_TIMEOUT=330  TEST_TIMEOUT=240   per-stage limits (s)
+# Logs and results land in $OUT (default benchmarks/results/gpu_check): build.log, tests.log, bench.log,
+# delta_rule.json, delta_rule.png. The benchmark's tables are the last thing printed.
+set -o pipefail
+cd "$(dirname "$0")/.." || exit 1
+ROOT=$PWD
+export OUT=${OUT:-$ROOT/benchmarks/results/gpu_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
+if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then export PATH=/usr/local/cuda/bin:$PATH; fi
+
+BUDGET_S=${BUDGET_S:-480}
+T0=$(date +%s)
+elapsed() { echo $(( $(date +%s) - T0 )); }
+stage() { echo; echo "== [$(elapsed) s] $*"; }
+SUMMARY=()
+STATUS=0
+
+stage "environment"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv 2>&1 || echo "nvidia-smi failed"
+python - <<'EOF' 2>&1
+import platform, torch
+try:
+    import triton; tv = triton.__version__
+except Exception as e:  # noqa: BLE001
+    tv = f"unavailable ({e})"
+print(f"python {platform.python_version()}  torch {torch.__version__} (CUDA {torch.version.cuda}, cuDNN "
+      f"{torch.backends.cudnn.version()})  triton {tv}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device {p.name}: {p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB, sm_{p.major}{p.minor}")
+else:
+    print("torch sees no CUDA device")
+EOF
+nvcc --version 2>&1 | tail -n 2 || echo "nvcc not found"
+[ -d "$ROOT/.fla/fla" ] && echo "fla: $ROOT/.fla ($(cat "$ROOT/.fla/COMMIT" 2>/dev/null || echo 'commit unknown'))" \
+  || echo "fla: no .fla/fla here (carry .fla for the fla rows)"
+
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  stage "build: TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} python setup.py build_ext --inplace"
+  t=$(date +%s)
+  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
+    timeout -k 10 "${BUILD_TIMEOUT:-330}" python setup.py build_ext --inplace >"$OUT/build.log" 2>&1
+  rc=$?
+  echo "build: rc $rc, $(( $(date +%s) - t )) s (log: $OUT/build.log)"
+  SUMMARY+=("build rc $rc $(( $(date +%s) - t ))s")
+  if [ $rc -ne 0 ]; then
+    grep -n -m 20 -E "error|Error" "$OUT/build.log" | cut -c1-300
+    echo "--- last lines of build.log"
+    tail -n 30 "$OUT/build.log" | cut -c1-300
+    echo "== gpu_check: build failed (rc $rc) after $(elapsed) s"
+    exit 1
+  fi
+  grep -c -i "warning" "$OUT/build.log" | sed 's/^/build warnings: /'
+fi
+python -c "import linflow; from linflow import _C_loader as L; print('linflow', linflow.__version__, 'CUDA kernels:', L.HAS_CUDA_KERNELS)" 2>&1 \
+  || { echo "== gpu_check: import linflow failed"; STATUS=1; }
+
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  stage "tests: LINFLOW_POISON=1 python -m pytest ${TESTS:-tests} -x -q"
+  t=$(date +%s)
+  # shellcheck disable=SC2086  (TESTS may name several paths / -k expressions)
+  LINFLOW_POISON=1 timeout -k 10 "${TEST_TIMEOUT:-240}" \
+    python -m pytest ${TESTS:-tests} -x -q -rfE --durations=5 -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
+  rc=$?
+  case $rc in
+    0) ;;
+    5) echo "pytest: no tests collected (not a failure)"; rc=0 ;;
+    124|137) echo "pytest: stopped by TEST_TIMEOUT=${TEST_TIMEOUT:-240} s"; STATUS=1 ;;
+    *) STATUS=1 ;;
+  esac
+  SUMMARY+=("tests rc $rc $(( $(date +%s) - t ))s: $(grep -E '(passed|failed|error|no tests ran)' "$OUT/tests.log" | tail -n 1 | cut -c1-120)")
+fi
+
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  left=$(( BUDGET_S - $(elapsed) ))
+  if [ $left -lt 90 ]; then
+    echo "== benchmark skipped: only $left s of BUDGET_S=$BUDGET_S left (raise BUDGET_S, or SKIP_TESTS=1)"
+    SUMMARY+=("bench skipped (budget)")
+  else
+    # shellcheck disable=SC2086
+    stage "benchmark: python benchmarks/bench_delta_rule.py --budget-s $(( left - 60 )) ${BENCH_ARGS:-}"
+    t=$(date +%s)
+    timeout -k 20 -s TERM $(( left - 5 )) \
+      python benchmarks/bench_delta_rule.py --budget-s $(( left - 60 )) ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+    rc=$?
+    [ $rc -ne 0 ] && STATUS=1
+    SUMMARY+=("bench rc $rc $(( $(date +%s) - t ))s")
+  fi
+fi
+
+echo
+echo "== gpu_check done in $(elapsed) s: $(IFS=';'; echo "${SUMMARY[*]}") — files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
+exit $STATUS
