@@ -101,6 +101,27 @@ def test_state_indices_update_only_their_cache_rows(device, dtype, index_dtype, 
     assert_rel_close(cache[idx.long()], rht, TOL[dtype], "updated cache rows")
 
 
+@pytest.mark.parametrize("device,dtype", step_params())
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
+def test_negative_state_index_is_a_padding_row(device, dtype, index_dtype):
+    """state_indices[b] < 0 marks a padding row: o[b] = 0 and no cache row changes; the other rows are unaffected."""
+    torch.manual_seed(0)
+    B, H, K, V, N = 4, 2, 32, 16, 5
+    inputs = make_inputs(B, 2, H, K, V, dtype=dtype, device=device, gated=True, initial_state=True, N=N)
+    cache = inputs["initial_state"].clone()
+    before = cache.clone()
+    idx = torch.tensor([3, -1, 0, -1], dtype=index_dtype, device=device)
+
+    o = linflow.delta_rule_step(**tokens(inputs, 0, 2), state=cache, state_indices=idx)
+
+    assert torch.equal(o[[1, 3]], torch.zeros_like(o[[1, 3]])), "padding rows must output zeros"
+    torch.testing.assert_close(cache[[1, 2, 4]], before[[1, 2, 4]], rtol=0, atol=0)
+    live = [0, 2]
+    ro, rht = delta_rule_ref(**{n: x[live] for n, x in tokens(inputs, 0, 2).items()}, initial_state=before[[3, 0]])
+    assert_rel_close(o[live], ro, TOL[dtype], "o of the live rows")
+    assert_rel_close(cache[[3, 0]], rht, TOL[dtype], "updated cache rows")
+
+
 @pytest.mark.parametrize("device,dtype", step_params((torch.float32,)))
 def test_state_indices_identity_equals_no_indices(device, dtype):
     torch.manual_seed(0)

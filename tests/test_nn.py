@@ -185,3 +185,10 @@ def test_cuda_matches_cpu():
     with torch.no_grad():
         yt, _ = mc(x[:, :1].cuda(), state=s)
     assert yt.shape == (2, 1, 32)
+
+
+def test_demo_runs(capsys):
+    from linflow import demo
+    result = demo.main(["--steps", "3", "--dim", "32", "--pairs", "4", "--batch", "8", "--device", "cpu"])
+    assert set(result) >= {"val_acc", "val_loss", "tokens_per_s"}
+    assert "held-out accuracy" in capsys.readouterr().out

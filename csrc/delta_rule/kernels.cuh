@@ -7,21 +7,11 @@
 // Only state_fwd is sequential (over chunks); the other two are parallel over every chunk of every sequence.
 #pragma once
 #include "common/chunk.cuh"
+#include "delta_rule/launch.h"
 #include "common/tile.cuh"
 
 namespace linflow::delta_rule {
 
-struct FwdParams {
-  const void *q, *k, *v;       // [B,T,H,K|V], element type T
-  const float *beta, *g;       // [B,T,H] fp32 (g may be null)
-  const float* h0;             // [N,H,K,V] fp32 or null
-  void *o, *w, *u, *vn, *h;    // outputs / workspaces (h: [slots,H,K,V])
-  float* ht;                   // [N,H,K,V] fp32 or null
-  chunk::SeqLayout seq;
-  int H, K, V;
-  float scale;
-  bool vec_k, vec_v;           // 16-byte loads allowed along K / V
-};
 
 // Bump allocator over dynamic shared memory; the host computes the same total with a null base.
 struct SmemCarver {

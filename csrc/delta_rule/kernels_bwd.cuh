@@ -11,14 +11,6 @@
 
 namespace linflow::delta_rule {
 
-struct BwdParams {
-  FwdParams f;                 // inputs, w/u/vn/h recomputed by the forward kernels
-  const void* dout;            // [B,T,H,V]
-  const float* dht;            // [N,H,K,V] fp32 or null
-  void *dh, *dvn;              // workspaces: [slots,H,K,V], [B,T,H,V]
-  void *dq, *dk, *dv;          // [B,T,H,K|V]
-  float *dbeta, *dg, *dh0;     // [B,T,H] fp32, [B,T,H] fp32 (or null), [N,H,K,V] fp32 (or null)
-};
 
 // ---------------------------------------------------------------------------------------------------------------
 template <int KP, int BV, typename T>

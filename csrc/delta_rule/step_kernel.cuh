@@ -7,30 +7,14 @@
 #include <cstdint>
 
 #include "common/tile.cuh"
+#include "delta_rule/launch.h"
 
 namespace linflow::delta_rule {
 
-// Element type of beta / g, which need not match q's.
-enum class FloatKind : int { f32, bf16, f16 };
-
-struct StepParams {
-  const void *q, *k, *v;     // [B,T,H,K|V], element type T of the kernel, any strides (elements)
-  const void *beta, *g;      // [B,T,H], element kinds beta_kind / g_kind; g null: ungated (a_t = 1)
-  const void* state_indices; // [B] int32 (idx64 false) / int64, or null (row b uses state[b]); < 0: padding row
-  float* state;              // [N,H,K,V] fp32, contiguous, updated in place
-  void* o;                   // [B,T,H,V] contiguous, element type T
-  int64_t q_stride[4], k_stride[4], v_stride[4], beta_stride[3], g_stride[3], idx_stride;
-  int64_t N;
-  int B, T, H, K, V;
-  float scale;
-  FloatKind beta_kind, g_kind;
-  bool idx64;
-  bool vec_state;            // 16-byte state accesses: V % 4 == 0 and a 16-byte aligned state pointer
-};
 
 namespace step {
 constexpr int kThreads = 256;
-constexpr int BV = 32;                     // state columns per block
+constexpr int BV = kStepColumns;           // state columns per block
 constexpr int kColGroups = BV / 4;         // 4 consecutive columns per thread
 constexpr int kRowGroups = kThreads / kColGroups;
 constexpr int kWarps = kThreads / 32;

@@ -1,13 +1,14 @@
 """Train a tiny DeltaNet language model on associative recall, on whatever device is here.
 
-    python -m linflow.demo            (about a minute on 2 CPU cores; seconds on a GPU)
+    python -m linflow.demo            (under a minute on 2 CPU cores; seconds on a GPU)
 
 Each sequence lists key-value pairs, then asks for the keys again in another order; the model must answer each
 query with its value (multi-query associative recall, the task DeltaNet's delta rule is built for):
 
     k3 v3 k7 v7 k1 v1 ... | k7 -> v7   k1 -> v1   k3 -> v3 ...
 
-Loss and accuracy count the answers only; chance accuracy is 1 / number of values.
+Loss and accuracy count the answers only; chance accuracy is 1 / number of values. Training stops early once the
+running training accuracy passes --target-acc, or when --max-seconds of training have passed.
 """
 from __future__ import annotations
 
@@ -109,21 +110,23 @@ def evaluate(model, batches):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: 600 on CPU, 1500 on GPU)")
+    p.add_argument("--steps", type=int, default=400, help="most training steps")
+    p.add_argument("--target-acc", type=float, default=0.99, help="stop once the running train accuracy passes this")
+    p.add_argument("--max-seconds", type=float, default=90.0, help="stop training after this many seconds")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--pairs", type=int, default=16, help="key-value pairs per sequence (sequence = 4 x pairs)")
     p.add_argument("--keys", type=int, default=64)
     p.add_argument("--values", type=int, default=64)
-    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--gate", action="store_true", help="Gated DeltaNet layers")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    steps = args.steps or (1500 if device.type == "cuda" else 600)
+    steps = args.steps
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 
@@ -142,7 +145,7 @@ def main(argv=None) -> dict:
           f"{params / 1e3:.0f}k params, {device}; recall {args.pairs} pairs (T={T}), "
           f"chance accuracy {1 / args.values:.1%}", flush=True)
 
-    bar, tokens_seen, t_train, ema = Progress(steps), 0, 0.0, None
+    bar, tokens_seen, t_train, ema, ema_acc, stop = Progress(steps), 0, 0.0, None, 0.0, ""
     for step in range(steps):
         tokens, targets = recall_batch(args.batch, args.pairs, args.keys, args.values, device, gen)
         t0 = time.perf_counter()
@@ -158,9 +161,20 @@ def main(argv=None) -> dict:
             torch.cuda.synchronize()
         t_train += time.perf_counter() - t0
         tokens_seen += tokens.numel()
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        bar.update(f"loss {ema:.3f}")
+        mask = targets != -100
+        acc = (logits.detach()[mask].argmax(-1) == targets[mask]).float().mean().item()
+        ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
+        ema_acc = 0.9 * ema_acc + 0.1 * acc
+        bar.update(f"loss {ema:.3f} acc {ema_acc:.1%}")
+        if ema_acc >= args.target_acc:
+            stop = f"stopped at step {step + 1}: train accuracy {ema_acc:.1%} >= {args.target_acc:.0%}"
+        elif t_train >= args.max_seconds:
+            stop = f"stopped at step {step + 1}: {args.max_seconds:.0f} s training budget spent"
+        if stop:
+            break
     bar.close()
+    if stop:
+        print(stop)
 
     eval_gen = torch.Generator().manual_seed(args.seed + 1)
     with autocast:
@@ -168,7 +182,7 @@ def main(argv=None) -> dict:
                                              for _ in range(4)])
     result = dict(train_loss=ema, val_loss=val_loss, val_acc=val_acc, chance=1 / args.values,
                   tokens_per_s=tokens_seen / t_train, train_s=t_train)
-    rows = [("train loss (EMA)", f"{ema:.3f}"), ("held-out loss", f"{val_loss:.3f}"),
+    rows = [("steps", f"{step + 1}"), ("train loss (EMA)", f"{ema:.3f}"), ("held-out loss", f"{val_loss:.3f}"),
             ("held-out accuracy", f"{val_acc:.1%}  (chance {1 / args.values:.1%})"),
             ("tokens/s (train)", f"{tokens_seen / t_train:,.0f}"), ("train time", f"{t_train:.1f} s")]
     w = max(len(r[0]) for r in rows)
