@@ -83,14 +83,14 @@ def cudart_link_dirs() -> list[str]:
 def extension():
     debug = os.environ.get("LINFLOW_DEBUG", "0") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++20", "-fopenmp"]
+    cxx += ["-fopenmp"]  # the C++ standard: the one this torch asks for (BuildExtension adds it)
     include_dirs = [os.path.join(ROOT, "csrc")]
     cpp_sources = sources("*.cpp")
     if not want_cuda():
         return CppExtension("linflow._C", cpp_sources, include_dirs=include_dirs,
                             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0")
-    nvcc = ["-O3", "-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo",
+    nvcc = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo",
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
             "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
             f"--threads={os.environ.get('NVCC_THREADS', '2')}"] + nvcc_arch_flags()
