@@ -254,7 +254,8 @@ def test_refusals():
     with pytest.raises(ValueError, match="A_log"):
         fla.fused_recurrent_gated_delta_rule(q, k, v, g, beta=beta, use_gate_in_kernel=True)
     with pytest.raises(ValueError, match="divisible"):
-        fla.chunk_gated_delta_rule(q, k, torch.randn(2, 8, 3, 4), g[..., :1].expand(2, 8, 3), beta[..., :1].expand(2, 8, 3))
+        fla.chunk_gated_delta_rule(q, k, torch.randn(2, 8, 3, 4), g[..., :1].expand(2, 8, 3),
+                                   beta[..., :1].expand(2, 8, 3))
     with pytest.raises(ValueError, match="batch size"):
         fla.chunk_delta_rule(q, k, v, beta, cu_seqlens=torch.tensor([0, 8]))
     with pytest.raises(ValueError, match="initial states"):

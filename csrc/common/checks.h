@@ -3,7 +3,6 @@
 #include <ATen/ATen.h>
 #include <optional>
 #include <string>
-#include <vector>
 
 namespace linflow {
 
@@ -19,7 +18,7 @@ inline bool is_supported_float(at::ScalarType t) {
 
 // `t` must be a floating tensor (fp32 / bf16 / fp16, fp64 on CPU) of rank `dims.size()` on `device`, whose
 // sizes match `dims` where dims[i] >= 0.
-inline void check_float_tensor(const char* op, const char* name, const at::Tensor& t, std::vector<int64_t> dims,
+inline void check_float_tensor(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef dims,
                                const at::Device& device) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
   TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": ", name, " must be float32, bfloat16 or float16 (float64 on CPU), got ",
@@ -35,8 +34,8 @@ inline void check_float_tensor(const char* op, const char* name, const at::Tenso
 }
 
 inline void check_optional_float_tensor(const char* op, const char* name, const std::optional<at::Tensor>& t,
-                                        std::vector<int64_t> dims, const at::Device& device) {
-  if (t.has_value() && t->defined()) check_float_tensor(op, name, *t, std::move(dims), device);
+                                        at::IntArrayRef dims, const at::Device& device) {
+  if (t.has_value() && t->defined()) check_float_tensor(op, name, *t, dims, device);
 }
 
 // Head dims our kernels are built for.
