@@ -32,6 +32,26 @@ __device__ __forceinline__ void load_gamma(float* gam, const G* g, int64_t strid
   cumsum_rows(gam, g, stride, rows);
 }
 
+// The decayed causal scores of a chunk: Ph[r][u] = scale P[r][u] exp(gamma_r - gamma_u) for u <= r, else 0
+// (P fp32 ld_f(C), Ph half ld_h(C)).
+template <typename T>
+__device__ __forceinline__ void causal_decayed_scores(T* Ph, const float* P, const float* gam, float scale) {
+  for (int i = threadIdx.x; i < C * C; i += blockDim.x) {
+    const int r = i / C, u = i % C;
+    Ph[r * tile::ld_h(C) + u] =
+        tile::from_f<T>(u <= r ? scale * P[r * tile::ld_f(C) + u] * __expf(gam[r] - gam[u]) : 0.f);
+  }
+}
+
+// X[r][:] *= row_scale(r) in place, for a C x KP half tile.
+template <int KP, typename T, typename F>
+__device__ __forceinline__ void scale_rows(T* X, F&& row_scale) {
+  for (int i = threadIdx.x; i < C * KP; i += blockDim.x) {
+    const int r = i / KP, col = i % KP;
+    X[r * tile::ld_h(KP) + col] = tile::from_f<T>(tile::to_f(X[r * tile::ld_h(KP) + col]) * row_scale(r));
+  }
+}
+
 template <typename B>
 __device__ __forceinline__ void load_rows(float* dst, const B* src, int64_t stride, int rows) {
   for (int r = threadIdx.x; r < C; r += blockDim.x) dst[r] = r < rows ? tile::to_f(src[r * stride]) : 0.f;

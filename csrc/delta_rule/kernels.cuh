@@ -72,10 +72,7 @@ __global__ void __launch_bounds__(256) wy_fwd_kernel(FwdParams p) {
   __syncthreads();
   chunk::wy_inverse<KP>(s.Ks, s.beta, s.gam, s.KKE, s.Tm);
   tile::to_half_tile<C, C>(s.Tmh, s.Tm);
-  for (int i = threadIdx.x; i < C * KP; i += blockDim.x) {  // Ks <- diag(beta e^gamma) K
-    const int r = i / KP, col = i % KP;
-    s.Ks[r * ld_h(KP) + col] = tile::from_f<T>(tile::to_f(s.Ks[r * ld_h(KP) + col]) * s.beta[r] * __expf(s.gam[r]));
-  }
+  chunk::scale_rows<KP>(s.Ks, [&](int r) { return s.beta[r] * __expf(s.gam[r]); });  // Ks <- diag(beta e^gamma) K
   __syncthreads();
   tile::gemm<C, KP, C, true, true, false>(s.Tmh, ld_h(C), s.Ks, ld_h(KP), s.Wf, ld_f(KP));
   __syncthreads();
@@ -214,14 +211,8 @@ __global__ void __launch_bounds__(256) output_fwd_kernel(FwdParams p) {
   __syncthreads();
   tile::gemm<C, C, KP, true, false, false>(s.Qs, ld_h(KP), s.Ks, ld_h(KP), s.P, ld_f(C));  // Q K^T
   __syncthreads();
-  for (int i = threadIdx.x; i < C * C; i += blockDim.x) {
-    const int r = i / C, u = i % C;
-    s.Ph[r * ld_h(C) + u] = tile::from_f<T>(u <= r ? p.scale * s.P[r * ld_f(C) + u] * __expf(s.gam[r] - s.gam[u]) : 0.f);
-  }
-  for (int i = threadIdx.x; i < C * KP; i += blockDim.x) {  // Qs <- s diag(e^gamma) Q
-    const int r = i / KP, col = i % KP;
-    s.Qs[r * ld_h(KP) + col] = tile::from_f<T>(tile::to_f(s.Qs[r * ld_h(KP) + col]) * p.scale * __expf(s.gam[r]));
-  }
+  chunk::causal_decayed_scores(s.Ph, s.P, s.gam, p.scale);
+  chunk::scale_rows<KP>(s.Qs, [&](int r) { return p.scale * __expf(s.gam[r]); });  // Qs <- s diag(e^gamma) Q
   __syncthreads();
   tile::gemm<C, BV, KP, true, true, false>(s.Qs, ld_h(KP), s.Hs, ld_h(BV), s.Of, ld_f(BV));
   __syncthreads();

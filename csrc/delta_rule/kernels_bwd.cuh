@@ -66,15 +66,9 @@ __global__ void __launch_bounds__(256) state_bwd_kernel(BwdParams b) {
     if (threadIdx.x < C) s.kd[threadIdx.x] = __expf(s.gam[C - 1] - s.gam[threadIdx.x]);
     tile::gemm<C, C, KP, true, false, false>(s.Qs, ld_h(KP), s.Ks, ld_h(KP), s.P, ld_f(C));  // Q K^T
     __syncthreads();
-    for (int i = threadIdx.x; i < C * C; i += blockDim.x) {
-      const int r = i / C, u = i % C;
-      s.Ph[r * ld_h(C) + u] = tile::from_f<T>(u <= r ? p.scale * s.P[r * ld_f(C) + u] * __expf(s.gam[r] - s.gam[u]) : 0.f);
-    }
-    for (int i = threadIdx.x; i < C * KP; i += blockDim.x) {  // Qs <- Qg, Ks <- Kd
-      const int r = i / KP, col = i % KP;
-      s.Qs[r * ld_h(KP) + col] = tile::from_f<T>(tile::to_f(s.Qs[r * ld_h(KP) + col]) * p.scale * __expf(s.gam[r]));
-      s.Ks[r * ld_h(KP) + col] = tile::from_f<T>(tile::to_f(s.Ks[r * ld_h(KP) + col]) * s.kd[r]);
-    }
+    chunk::causal_decayed_scores(s.Ph, s.P, s.gam, p.scale);
+    chunk::scale_rows<KP>(s.Qs, [&](int r) { return p.scale * __expf(s.gam[r]); });  // Qs <- Qg
+    chunk::scale_rows<KP>(s.Ks, [&](int r) { return s.kd[r]; });                      // Ks <- Kd
     __syncthreads();
     tile::gemm<C, BV, C, false, true, false>(s.Ph, ld_h(C), s.dO, ld_h(BV), s.dvnf, ld_f(BV));        // P^T dO
     tile::gemm<C, BV, KP, true, true, true>(s.Ks, ld_h(KP), s.dSh, ld_h(BV), s.dvnf, ld_f(BV));       // + Kd dS
