@@ -221,10 +221,6 @@ def test_step_rejects_bad_argument(place, mutation, argument):
     expect_error(lambda: call(STEP, STEP_ARGS, args), "delta_rule_step", argument)
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError,
-                   reason="KNOWN GAP, not caught by the op: an out-of-range state index reaches index_select, which "
-                          "raises IndexError('index out of range in self') naming neither the op nor the argument "
-                          "(negative indices are padding rows, tested in test_delta_rule_step.py)")
 def test_step_rejects_state_index_past_cache_end_cpu():
     args = valid_step_args(("cpu", torch.float32))
     args["state_indices"] = torch.tensor([6, 1], dtype=torch.int64)  # the cache has 6 rows
