@@ -29,15 +29,16 @@ constexpr int64_t kMaxRank = 64;
 Shapes check_args(const char* op, const Tensor* q, const Tensor& k, const Tensor& v, const Tensor& beta,
                   const std::optional<Tensor>& g, const std::optional<Tensor>& initial_state,
                   const std::optional<Tensor>& cu_seqlens) {
-  TORCH_CHECK(k.defined() && k.dim() == 5, op, ": k must have shape [B, T, R, H, K], got ",
-              k.defined() ? shape_str(k.sizes()) : std::string("undefined"));
-  const int64_t B = k.size(0), T = k.size(1), R = k.size(2), H = k.size(3), K = k.size(4);
-  const at::Device dev = q ? q->device() : k.device();
-  if (q) {
+  // The sizes come from q (from k without q); every other tensor is checked against them.
+  if (q)
     TORCH_CHECK(q->defined() && q->dim() == 4, op, ": q must have shape [B, T, H, K], got ",
                 q->defined() ? shape_str(q->sizes()) : std::string("undefined"));
-    check_float_tensor(op, "q", *q, {B, T, H, K}, dev);
-  }
+  TORCH_CHECK(k.defined() && k.dim() == 5, op, ": k must have shape [B, T, R, H, K], got ",
+              k.defined() ? shape_str(k.sizes()) : std::string("undefined"));
+  const at::Tensor& base = q ? *q : k;
+  const int64_t B = base.size(0), T = base.size(1), R = k.size(2), H = base.size(-2), K = base.size(-1);
+  const at::Device dev = base.device();
+  if (q) check_float_tensor(op, "q", *q, {B, T, H, K}, dev);
   check_float_tensor(op, "k", k, {B, T, R, H, K}, dev);
   TORCH_CHECK(R >= 1 && R <= kMaxRank, op, ": the rank R = k.size(2) must be in 1..", kMaxRank, ", got ", R);
   TORCH_CHECK(v.defined() && v.dim() == 5, op, ": v must have shape [B, T, R, H, V] = [", B, ", ", T, ", ", R, ", ", H,
