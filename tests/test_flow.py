@@ -362,3 +362,37 @@ def test_public_function_rejects_bad_strings():
         linflow.flow_delta_rule(a["q"], a["k"], a["v"], a["beta"], scan="fast")
     with pytest.raises(RuntimeError, match=r"flow_fwd: (.*\W)?beta"):
         linflow.flow_delta_rule(a["q"], a["k"], a["v"], a["beta"][:, :, :1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fla-compatible chunk_gated_delta_product (interleaved [B, T * n, H, K] keys)
+
+@pytest.mark.parametrize("gated", [False, True], ids=["ungated", "gated"])
+def test_fla_chunk_gated_delta_product_matches_reference(gated):
+    from linflow.compat.fla import chunk_gated_delta_product
+    B, T, n, H, K, V = 1, 40, 2, 2, 8, 4
+    a = make_flow_inputs(B, T, n, H, K, V, dtype=torch.float64, gated=gated, initial_state=True, N=2, seed=11,
+                         normalize_keys=False)
+    cu = torch.tensor([0, 15, 40])
+    flat = lambda x: x.reshape(B, T * n, *x.shape[3:])  # noqa: E731  (fla's interleaved layout)
+    leaf = leaves(a)
+    o, ht = chunk_gated_delta_product(leaf["q"], flat(leaf["k"]), flat(leaf["v"]), leaf["g"], flat(leaf["beta"]),
+                                      num_householder=n, initial_state=leaf["initial_state"], output_final_state=True,
+                                      use_qk_l2norm_in_kernel=True, cu_seqlens=cu)
+    eo, eht = flow_ref(**a, form="product", cu_seqlens=cu, use_qk_l2norm=True)
+    assert_rel_close(o, eo, 1e-10, "o")
+    assert_rel_close(ht, eht, 1e-10, "final_state")
+    (o.sum() + ht.sum()).backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in leaf.values() if x is not None)
+
+
+def test_fla_chunk_gated_delta_product_rejects_bad_layout():
+    from linflow.compat.fla import chunk_gated_delta_product
+    a = make_flow_inputs(1, 6, 2, 1, 4, 4, seed=12)
+    k = a["k"].reshape(1, 12, 1, 4)
+    with pytest.raises(ValueError, match="k must have shape"):
+        chunk_gated_delta_product(a["q"], k[:, :-1], a["v"].reshape(1, 12, 1, 4), a["g"], a["beta"].reshape(1, 12, 1),
+                                  num_householder=2)
+    with pytest.raises(ValueError, match="g must have shape"):
+        chunk_gated_delta_product(a["q"], k, a["v"].reshape(1, 12, 1, 4), a["beta"].reshape(1, 12, 1),
+                                  a["beta"].reshape(1, 12, 1), num_householder=2)
