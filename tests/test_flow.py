@@ -396,3 +396,40 @@ def test_fla_chunk_gated_delta_product_rejects_bad_layout():
     with pytest.raises(ValueError, match="g must have shape"):
         chunk_gated_delta_product(a["q"], k, a["v"].reshape(1, 12, 1, 4), a["beta"].reshape(1, 12, 1),
                                   a["beta"].reshape(1, 12, 1), num_householder=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# nn.FlowDeltaNet
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("use_gate", [False, True], ids=["", "gate"])
+def test_flow_deltanet_layer(form, use_gate):
+    """Shapes, gradients reach every parameter, state continuation equals one full pass, varlen = separate."""
+    from linflow.nn import FlowDeltaNet
+    torch.manual_seed(0)
+    layer = FlowDeltaNet(32, num_heads=2, rank=3, form=form, use_gate=use_gate, dtype=torch.float64)
+    x = torch.randn(2, 20, 32, dtype=torch.float64)
+    y, state = layer(x, use_cache=True)
+    assert y.shape == x.shape and state.recurrent.shape == (2, 2, 16, 16)
+    y.square().sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    with torch.no_grad():
+        y1, s1 = layer(x[:, :13], use_cache=True)
+        y2, s2 = layer(x[:, 13:], state=s1)
+        # 1e-6: the layer computes beta and g in fp32 (DeltaNet's _features), whose rounding may differ by an ulp
+        # between a full pass and its pieces
+        assert_rel_close(torch.cat([y1, y2], 1), y.detach(), 1e-6, "continued")
+        assert_rel_close(s2.recurrent, state.recurrent, 1e-6, "state")
+        packed, ps = layer(x.reshape(1, 40, 32), cu_seqlens=torch.tensor([0, 20, 40]), use_cache=True)
+        assert_rel_close(packed.view(2, 20, 32), y.detach(), 1e-6, "varlen")
+
+
+def test_flow_deltanet_rank_one_is_deltanet():
+    from linflow.nn import DeltaNet, FlowDeltaNet
+    torch.manual_seed(0)
+    flow = FlowDeltaNet(32, num_heads=2, rank=1, use_gate=True, dtype=torch.float64)
+    delta = DeltaNet(32, num_heads=2, use_gate=True, dtype=torch.float64)
+    delta.load_state_dict(flow.state_dict())
+    x = torch.randn(2, 30, 32, dtype=torch.float64)
+    assert_rel_close(flow(x)[0], delta(x)[0], 1e-12, "y")
