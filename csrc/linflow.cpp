@@ -27,4 +27,19 @@ TORCH_LIBRARY(linflow, m) {
   m.def(
       "delta_rule_step(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor? g, Tensor(a!) state, "
       "Tensor? state_indices, float scale) -> Tensor");
+
+  // Rank-R delta rule (ParallelFlow / DeltaProduct, ALGORITHMS.md §2). q [B,T,H,K]; k [B,T,R,H,K];
+  // v [B,T,R,H,V]; beta [B,T,R,H]; g [B,T,H]; form "product" | "simultaneous"; scan "sequential" | "parallel" |
+  // "auto". Returns o [B,T,H,V] and the final state as delta_rule_fwd.
+  m.def(
+      "flow_fwd(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor? g, Tensor? initial_state, Tensor? cu_seqlens, "
+      "float scale, bool output_final_state, str form, str scan) -> (Tensor, Tensor)");
+  // Gradients of flow_fwd: (dq, dk, dv, dbeta, dg, dinitial_state), empty dg / dinitial_state when absent.
+  m.def(
+      "flow_bwd(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor? g, Tensor? initial_state, Tensor? cu_seqlens, "
+      "Tensor grad_o, Tensor? grad_final_state, float scale, str form, str scan) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Affine state map S_out = P S_in + Q of every segment of `segment` tokens (the last one zero-padded):
+  // P [B, NS, H, K, K], Q [B, NS, H, K, V] in fp32 (fp64 for fp64 inputs). Differentiable (composite ATen).
+  m.def("flow_transition(Tensor k, Tensor v, Tensor beta, Tensor? g, str form, int segment) -> (Tensor, Tensor)");
 }

@@ -58,3 +58,59 @@ def delta_rule_ref(q, k, v, beta, g=None, scale=None, initial_state=None, cu_seq
         outs.append(o_n)
         states.append(s_n)
     return torch.cat(outs, dim=1), torch.cat(states, dim=0)
+
+
+def flow_recurrence(q, k, v, beta, g=None, scale=1.0, initial_state=None, form="product", dtype=torch.float64):
+    """Rank-R delta rule (ALGORITHMS.md §2), token by token: ``q [B, T, H, K]``, ``k [B, T, R, H, K]``,
+    ``v [B, T, R, H, V]``, ``beta [B, T, R, H]``, ``g [B, T, H]``. Per token, with ``a_t = exp(g_t)``:
+
+        product:       S <- a_t S, then for j = 1..R:  S <- S + beta_j k_j (v_j - S^T k_j)^T
+        simultaneous:  S <- a_t S - sum_j beta_j k_j (a_t S^T k_j)^T + sum_j beta_j k_j v_j^T   (one S_{t-1})
+        o_t = scale * S^T q_t
+    """
+    B, T, R, H, K = k.shape
+    V = v.shape[-1]
+    q, k, v, beta = (x.to(dtype) for x in (q, k, v, beta))
+    S = initial_state.to(dtype) if initial_state is not None else q.new_zeros(B, H, K, V)
+    outs = []
+    for t in range(T):
+        if g is not None:
+            S = S * g[:, t].to(dtype).exp()[..., None, None]
+        if form == "product":
+            for j in range(R):
+                kj = k[:, t, j]
+                err = v[:, t, j] - torch.einsum("bhkv,bhk->bhv", S, kj)
+                S = S + beta[:, t, j, :, None, None] * kj[..., :, None] * err[..., None, :]
+        elif form == "simultaneous":
+            S_prev = S
+            for j in range(R):
+                kj = k[:, t, j]
+                err = v[:, t, j] - torch.einsum("bhkv,bhk->bhv", S_prev, kj)
+                S = S + beta[:, t, j, :, None, None] * kj[..., :, None] * err[..., None, :]
+        else:
+            raise ValueError(form)
+        outs.append(scale * torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
+    o = torch.stack(outs, dim=1) if outs else v.new_zeros(B, 0, H, V)
+    return o, S
+
+
+def flow_ref(q, k, v, beta, g=None, form="product", scale=None, initial_state=None, cu_seqlens=None,
+             use_qk_l2norm=False, dtype=torch.float64):
+    """Reference for ``linflow.flow_delta_rule`` (same layout). Returns ``(o, final_state [N, H, K, V])``."""
+    if use_qk_l2norm:
+        q, k = l2norm_ref(q.to(dtype)), l2norm_ref(k.to(dtype))
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if cu_seqlens is None:
+        return flow_recurrence(q, k, v, beta, g, scale, initial_state, form, dtype)
+    assert q.shape[0] == 1, "cu_seqlens requires B = 1"
+    offsets = [int(x) for x in cu_seqlens.tolist()]
+    outs, states = [], []
+    for n, (bos, eos) in enumerate(zip(offsets[:-1], offsets[1:])):
+        h0 = initial_state[n : n + 1] if initial_state is not None else None
+        sl = slice(bos, eos)
+        o_n, s_n = flow_recurrence(q[:, sl], k[:, sl], v[:, sl], beta[:, sl], g[:, sl] if g is not None else None,
+                                   scale, h0, form, dtype)
+        outs.append(o_n)
+        states.append(s_n)
+    return torch.cat(outs, dim=1), torch.cat(states, dim=0)

@@ -22,6 +22,9 @@ tensors work, the ``fused_recurrent_*`` functions have a backward (fla's gated o
 The ``fused_recurrent_*`` functions run the same chunked op as the ``chunk_*`` ones: same math, one
 implementation (for single-token decoding against a state cache use :func:`linflow.delta_rule_step`).
 
+:func:`chunk_gated_delta_product` (DeltaProduct, ALGORITHMS.md §2) takes fla's interleaved key layout
+``k [B, T * num_householder, H, K]`` and runs :func:`linflow.flow_delta_rule` (product form) on a view of it.
+
 Not supported (raise ``NotImplementedError``): per-key / per-value decays ``gk`` / ``gv``, a per-value beta
 (``[B, T, H, V]``), context parallelism (``cp_context``). ``chunk_indices`` and ``cu_seqlens_cpu`` are accepted
 and not needed (our op derives chunk boundaries from ``cu_seqlens`` itself).
@@ -34,9 +37,11 @@ import torch
 import torch.nn.functional as F
 
 from linflow.ops.delta_rule import delta_rule
+from linflow.ops.flow import flow_delta_rule
 
 __all__ = [
     "chunk_delta_rule",
+    "chunk_gated_delta_product",
     "chunk_gated_delta_rule",
     "chunk_gdn",
     "fused_recurrent_delta_rule",
@@ -306,3 +311,41 @@ def fused_recurrent_gated_delta_rule(
 
 chunk_gdn = chunk_gated_delta_rule
 fused_recurrent_gdn = fused_recurrent_gated_delta_rule
+
+
+def chunk_gated_delta_product(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    beta: torch.Tensor,
+    num_householder: int,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""fla's ``chunk_gated_delta_product`` (Gated DeltaProduct): ``num_householder`` delta steps per token, the
+    decay ``exp(g_t)`` once per token, the output read after the token's last step.
+
+    Args (fla's layout): q ``[B, T, H, K]``; k ``[B, T * n, H, K]`` and v ``[B, T * n, H, V]`` with the ``n`` steps
+    of token ``t`` at rows ``t * n .. t * n + n - 1``; beta ``[B, T * n, H]``; g ``[B, T, H]`` or None;
+    ``cu_seqlens`` counts tokens (not steps). fp32 inputs are accepted too (fla refuses them).
+    """
+    B, T, H, K = q.shape
+    n = int(num_householder)
+    if n < 1:
+        raise ValueError(f"num_householder must be >= 1, got {n}.")
+    V = v.shape[-1]
+    for name, x, shape in (("k", k, (B, T * n, H, K)), ("v", v, (B, T * n, H, V)), ("beta", beta, (B, T * n, H))):
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} (T * num_householder steps), got {tuple(x.shape)}.")
+    if g is not None and tuple(g.shape) != (B, T, H):
+        raise ValueError(f"g must have shape {(B, T, H)} (one gate per token), got {tuple(g.shape)}.")
+    _check_varlen(q, initial_state, cu_seqlens)
+    return flow_delta_rule(q, k.reshape(B, T, n, H, K), v.reshape(B, T, n, H, V), beta.reshape(B, T, n, H), g,
+                           form="product", scale=scale, initial_state=initial_state,
+                           output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                           use_qk_l2norm=use_qk_l2norm_in_kernel)

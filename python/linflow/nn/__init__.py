@@ -1,4 +1,5 @@
 """nn.Module layers built on linflow's ops."""
 from linflow.nn.deltanet import DeltaNet, DeltaNetState
+from linflow.nn.flow_deltanet import FlowDeltaNet
 
-__all__ = ["DeltaNet", "DeltaNetState"]
+__all__ = ["DeltaNet", "DeltaNetState", "FlowDeltaNet"]

@@ -150,8 +150,8 @@ class DeltaNet(nn.Module):
         if not self.use_short_conv:
             return DeltaNetState(rec)
         W = self.conv_size - 1
-        return DeltaNetState(rec, *(torch.zeros(batch_size, W, c, device=device, dtype=dtype)
-                                    for c in (self.key_dim, self.key_dim, self.value_dim)))
+        return DeltaNetState(rec, *(torch.zeros(batch_size, W, w.shape[0], device=device, dtype=dtype)
+                                    for w in (self.q_conv, self.k_conv, self.v_conv)))
 
     def _mix(self, x, weight, cache, cu_seqlens):
         if weight is None:
@@ -159,23 +159,39 @@ class DeltaNet(nn.Module):
         y, new_cache = short_conv(x, weight, cache, cu_seqlens)
         return F.silu(y), new_cache
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, state: DeltaNetState | None = None,
-                use_cache: bool | None = None) -> tuple[torch.Tensor, DeltaNetState | None]:
-        B, T, _ = x.shape
-        H, K, V = self.num_heads, self.head_dim, self.head_v_dim
-        use_cache = state is not None if use_cache is None else use_cache
+    def _features(self, x, cu_seqlens, state):
+        """The op's inputs before the head split: q, k, v ``[B, T, channels]`` (projected, short-convolved, SiLU),
+        beta ``[B, T, b_proj outputs]`` and g ``[B, T, H]`` (None without ``use_gate``), in fp32; and the new
+        convolution caches ``(cq, ck, cv)``."""
         conv = (self.q_conv, self.k_conv, self.v_conv) if self.use_short_conv else (None, None, None)
         caches = (state.conv_q, state.conv_k, state.conv_v) if state is not None else (None, None, None)
         q, cq = self._mix(self.q_proj(x), conv[0], caches[0], cu_seqlens)
         k, ck = self._mix(self.k_proj(x), conv[1], caches[1], cu_seqlens)
         v, cv = self._mix(self.v_proj(x), conv[2], caches[2], cu_seqlens)
-        q, k, v = q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V)
         beta = torch.sigmoid(self.b_proj(x).float())
         if self.allow_neg_eigval:
             beta = beta * 2
         g = None
         if self.use_gate:
             g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        return q, k, v, beta, g, (cq, ck, cv)
+
+    def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y = W_o RMSNorm(o)`` (times ``SiLU(W_g x)`` with ``use_gate``) for ``o [B, T, H, V]``."""
+        B, T = x.shape[:2]
+        o = self.o_norm(o)
+        if self.use_gate:
+            o = o * F.silu(self.g_proj(x).view(B, T, self.num_heads, self.head_v_dim))
+        return self.o_proj(o.reshape(B, T, self.value_dim))
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, state: DeltaNetState | None = None,
+                use_cache: bool | None = None) -> tuple[torch.Tensor, DeltaNetState | None]:
+        B, T, _ = x.shape
+        H, K, V = self.num_heads, self.head_dim, self.head_v_dim
+        use_cache = state is not None if use_cache is None else use_cache
+        q, k, v, beta, g, (cq, ck, cv) = self._features(x, cu_seqlens, state)
+        q, k, v = q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V)
+        caches = (state.conv_q, state.conv_k, state.conv_v) if state is not None else (None, None, None)
 
         decode = (state is not None and cu_seqlens is None and T <= self.decode_max_tokens
                   and not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())))
@@ -190,11 +206,7 @@ class DeltaNet(nn.Module):
             o, recurrent = delta_rule(q, k, v, beta, g, initial_state=state.recurrent if state is not None else None,
                                       output_final_state=use_cache, cu_seqlens=cu_seqlens, use_qk_l2norm=True,
                                       chunk_size=self.chunk_size)
-        o = self.o_norm(o)
-        if self.use_gate:
-            o = o * F.silu(self.g_proj(x).view(B, T, H, V))
-        y = self.o_proj(o.reshape(B, T, self.value_dim))
-        return y, (DeltaNetState(recurrent, cq, ck, cv) if use_cache else None)
+        return self._output(o, x), (DeltaNetState(recurrent, cq, ck, cv) if use_cache else None)
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, head_dim={self.head_dim}, "

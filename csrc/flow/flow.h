@@ -1,0 +1,44 @@
+// Rank-R delta rule (ParallelFlow / DeltaProduct, ALGORITHMS.md §2): argument checks and the ATen form shared by
+// the CPU and CUDA registrations. Both forms run the delta rule's chunk form (delta_rule/chunk_aten.cpp) on the
+// interleaved length-T·R sequence; CUDA runs this ATen form until dedicated kernels land.
+#pragma once
+#include <ATen/ATen.h>
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace linflow::flow {
+
+struct Shapes {
+  int64_t B, T, R, H, K, V, N;  // N: number of sequences (B, or len(cu_seqlens) - 1)
+};
+
+enum class Form { product, simultaneous };
+
+Form parse_form(const char* op, const std::string& form);
+// "parallel" -> true; "sequential" and "auto" (sequential until the crossover is measured on the GPU) -> false.
+bool parse_scan(const char* op, const std::string& scan);
+
+// k [B, T, R, H, K], v [B, T, R, H, V], beta [B, T, R, H], g [B, T, H]; q [B, T, H, K] when `q` is given.
+Shapes check_args(const char* op, const at::Tensor* q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta,
+                  const std::optional<at::Tensor>& g, const std::optional<at::Tensor>& initial_state,
+                  const std::optional<at::Tensor>& cu_seqlens);
+
+std::tuple<at::Tensor, at::Tensor> fwd_aten(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                            const at::Tensor& beta, const std::optional<at::Tensor>& g,
+                                            const std::optional<at::Tensor>& initial_state,
+                                            const std::optional<at::Tensor>& cu_seqlens, double scale,
+                                            bool output_final_state, c10::string_view form, c10::string_view scan);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_aten(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta,
+    const std::optional<at::Tensor>& g, const std::optional<at::Tensor>& initial_state,
+    const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& grad_o,
+    const std::optional<at::Tensor>& grad_final_state, double scale, c10::string_view form, c10::string_view scan);
+
+// Per-segment affine state maps (P, Q) (composite of differentiable ATen ops: autograd comes for free).
+std::tuple<at::Tensor, at::Tensor> transition(const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta,
+                                              const std::optional<at::Tensor>& g, c10::string_view form,
+                                              int64_t segment);
+
+}  // namespace linflow::flow
