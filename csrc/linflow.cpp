@@ -27,4 +27,16 @@ TORCH_LIBRARY(linflow, m) {
   m.def(
       "delta_rule_step(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor? g, Tensor(a!) state, "
       "Tensor? state_indices, float scale) -> Tensor");
+  // LION, bidirectional linear attention (ALGORITHMS.md §4). q,k [B,T,H,K]; v [B,T,H,V]; g, g_backward [B,T,H]
+  // log decays (decay "selective"); lam [H] in (0, 1) (decay "fixed"); cu_seqlens [N+1] (B == 1).
+  // decay: "none" | "fixed" | "selective"; decay_convention: "symmetric" | "lion_code"; mode: "auto" | "chunked" |
+  // "full" | "recurrent" (forward only). Returns o [B,T,H,V].
+  m.def(
+      "lion_fwd(Tensor q, Tensor k, Tensor v, Tensor? g, Tensor? g_backward, Tensor? lam, Tensor? cu_seqlens, "
+      "str decay, str decay_convention, bool normalize, float eps, float scale, str mode, int chunk_size) -> Tensor");
+  // Gradients of lion_fwd: (dq, dk, dv, dg, dg_backward, dlam); empty tensors for absent inputs.
+  m.def(
+      "lion_bwd(Tensor q, Tensor k, Tensor v, Tensor? g, Tensor? g_backward, Tensor? lam, Tensor? cu_seqlens, "
+      "Tensor grad_o, str decay, str decay_convention, bool normalize, float eps, float scale, str mode, "
+      "int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
