@@ -490,9 +490,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_aten(
         if (off[i + 1] > off[i]) run(off[i], off[i + 1] - off[i]);
     }
   }
-  const auto empty = at::empty({0}, q.options());
-  return {dq, dk, dv, hg ? dg.to(g->scalar_type()) : empty, hgb ? dgb.to(g_backward->scalar_type()) : empty,
-          hl ? (dloglam / lam->to(acc)).to(lam->scalar_type()) : empty};
+  auto empty = [&] { return at::empty({0}, q.options()); };  // one per output: outputs must not alias
+  return {dq, dk, dv, hg ? dg.to(g->scalar_type()) : empty(), hgb ? dgb.to(g_backward->scalar_type()) : empty(),
+          hl ? (dloglam / lam->to(acc)).to(lam->scalar_type()) : empty()};
 }
 
 }  // namespace linflow::lion
