@@ -1,4 +1,5 @@
 """nn.Module layers built on linflow's ops."""
 from linflow.nn.deltanet import DeltaNet, DeltaNetState
+from linflow.nn.lion import LION
 
-__all__ = ["DeltaNet", "DeltaNetState"]
+__all__ = ["DeltaNet", "DeltaNetState", "LION"]
