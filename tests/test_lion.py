@@ -213,6 +213,44 @@ def test_long_sequence_stays_finite():
         assert_rel_close(o[:, 1010:1090], alone[:, 10:90], 1e-4, "segment after a cut")
 
 
+@pytest.mark.parametrize("mode", ["chunked", "full", "recurrent"])
+def test_empty_inputs(mode):
+    for B, T in ((2, 0), (0, 5)):
+        x = make_lion_inputs(B, T, 2, 4, 3, decay="selective", normalize=True)
+        leaves = {n: t.requires_grad_(mode != "recurrent") for n, t in x.items()}
+        o = linflow.lion(**leaves, decay="selective", mode=mode)
+        assert o.shape == (B, T, 2, 3)
+        if mode != "recurrent":
+            o.sum().backward()
+            assert all(t.grad.shape == t.shape for t in leaves.values())
+
+
+def test_non_contiguous_inputs_give_same_result():
+    x = make_lion_inputs(2, 50, 2, 8, 6, decay="selective+g_backward", normalize=True)
+    views = {n: t.transpose(0, 1).contiguous().transpose(0, 1) for n, t in x.items()}
+    views["q"] = torch.cat([x["q"], torch.full_like(x["q"], float("nan"))], -1)[..., :8]
+    assert not any(t.is_contiguous() for t in views.values())
+    do = cotangent(2, 50, 2, 6, torch.float64)
+    fn = lambda **a: linflow.lion(**a, decay="selective", mode="chunked", chunk_size=16)  # noqa: E731
+    o, grads = grads_of(fn, views, do)
+    eo, egrads = grads_of(fn, x, do)
+    assert_rel_close(o, eo, 1e-14, "o")
+    for n in egrads:
+        assert_rel_close(grads[n], egrads[n], 1e-14, f"d{n}")
+
+
+def test_full_mode_exact_with_large_cumulative_gates():
+    """full builds its T x T mask from whole-sequence cumulative log gates (here down to ~ -6000): in fp32 it still
+    matches the fp64 result (the sums and differences are taken in fp64 inside)."""
+    x = make_lion_inputs(1, 1500, 1, 8, 4, decay="selective", normalize=True)
+    x["g"] = x["g"] * 4 - 2
+    assert x["g"].sum() < -4000
+    with torch.no_grad():
+        ref = linflow.lion(**x, decay="selective", mode="chunked")
+        o = linflow.lion(**{n: t.float() for n, t in x.items()}, decay="selective", mode="full")
+    assert_rel_close(o, ref, 1e-5, "o (full, fp32)")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # variable length
 

@@ -17,6 +17,7 @@
 #include "common/checks.h"
 #include "lion/lion.h"
 
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -280,13 +281,15 @@ CoreGrads chunked_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const T
   return {dq + rq.flip(1), dk + rk.flip(1), dv + rv.flip(1), dgf, dgb};
 }
 
-// The explicit L x L mask: log M_ij = cF_i - cF_j (j <= i), cB_j - cB_i (j > i); selected before exp.
+// The explicit L x L mask: log M_ij = cF_i - cF_j (j <= i), cB_j - cB_i (j > i); selected before exp. The
+// cumulative sums run over the whole sequence, so they and their differences are taken in fp64 (in fp32 a
+// difference of two sums near -1e4 would lose ~1e-3 of the exponent).
 Tensor full_mask(const Tensor& gf, const Tensor& gb, int64_t L, const at::TensorOptions& opts) {
-  Tensor lower = at::ones({L, L}, opts.dtype(at::kBool)).tril();
   if (!gf.defined()) return at::ones({L, L}, opts);
-  Tensor cF = gf.cumsum(1), cB = gb.cumsum(1);
+  Tensor lower = at::ones({L, L}, opts.dtype(at::kBool)).tril();
+  Tensor cF = gf.to(at::kDouble).cumsum(1), cB = gb.to(at::kDouble).cumsum(1);
   Tensor logF = cF.unsqueeze(-1) - cF.unsqueeze(-2), logB = cB.unsqueeze(-2) - cB.unsqueeze(-1);
-  return at::where(lower, logF, logB).exp();
+  return at::where(lower, logF, logB).to(opts.dtype()).exp();
 }
 
 Tensor full_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& gf, const Tensor& gb, double s) {
