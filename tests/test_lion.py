@@ -510,3 +510,27 @@ def test_public_function_reports_op_errors():
         linflow.lion(x["q"], x["k"], x["v"], decay="selective")
     with pytest.raises(RuntimeError, match=r"lion_fwd: lam must lie in \(0, 1\)"):
         linflow.lion(x["q"], x["k"], x["v"], decay="fixed", lam=torch.tensor([0.5, 1.5]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CUDA (the ATen form registered for CUDA; skipped without a device)
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("decay", DECAYS)
+def test_cuda_matches_reference(decay, dtype):
+    B, T, H, K, V = 2, 130, 2, 32, 16
+    inputs = make_lion_inputs(B, T, H, K, V, decay=decay, normalize=True, dtype=dtype)
+    do = cotangent(B, T, H, V, dtype)
+    opts = options(decay, decay_convention="lion_code")
+    ro, rgrads = grads_of(lambda **x: lion_ref(**x, **opts), {n: t.double() for n, t in inputs.items()}, do.double())
+    cuda = {n: t.cuda() for n, t in inputs.items()}
+    tol = 5e-3 if dtype == torch.float32 else 4e-2  # TF32 matmuls / bf16 rounding
+    for mode in ("chunked", "full"):
+        o, grads = grads_of(lambda **x: linflow.lion(**x, **opts, mode=mode), cuda, do.cuda())
+        assert o.device.type == "cuda" and o.dtype == dtype
+        assert_rel_close(o.cpu(), ro, tol, f"o ({mode})")
+        for n in rgrads:
+            assert_rel_close(grads[n].cpu(), rgrads[n], tol, f"d{n} ({mode})")
+    with torch.no_grad():
+        assert_rel_close(linflow.lion(**cuda, **opts, mode="recurrent").cpu(), ro, tol, "o (recurrent)")
