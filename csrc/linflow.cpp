@@ -42,4 +42,17 @@ TORCH_LIBRARY(linflow, m) {
   // Affine state map S_out = P S_in + Q of every segment of `segment` tokens (the last one zero-padded):
   // P [B, NS, H, K, K], Q [B, NS, H, K, V] in fp32 (fp64 for fp64 inputs). Differentiable (composite ATen).
   m.def("flow_transition(Tensor k, Tensor v, Tensor beta, Tensor? g, str form, int segment) -> (Tensor, Tensor)");
+
+  // LION, bidirectional linear attention (ALGORITHMS.md §4). q,k [B,T,H,K]; v [B,T,H,V]; g, g_backward [B,T,H]
+  // log decays (decay "selective"); lam [H] in (0, 1) (decay "fixed"); cu_seqlens [N+1] (B == 1).
+  // decay: "none" | "fixed" | "selective"; decay_convention: "symmetric" | "lion_code"; mode: "auto" | "chunked" |
+  // "full" | "recurrent" (forward only). Returns o [B,T,H,V].
+  m.def(
+      "lion_fwd(Tensor q, Tensor k, Tensor v, Tensor? g, Tensor? g_backward, Tensor? lam, Tensor? cu_seqlens, "
+      "str decay, str decay_convention, bool normalize, float eps, float scale, str mode, int chunk_size) -> Tensor");
+  // Gradients of lion_fwd: (dq, dk, dv, dg, dg_backward, dlam); empty tensors for absent inputs.
+  m.def(
+      "lion_bwd(Tensor q, Tensor k, Tensor v, Tensor? g, Tensor? g_backward, Tensor? lam, Tensor? cu_seqlens, "
+      "Tensor grad_o, str decay, str decay_convention, bool normalize, float eps, float scale, str mode, "
+      "int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -114,3 +114,65 @@ def flow_ref(q, k, v, beta, g=None, form="product", scale=None, initial_state=No
         outs.append(o_n)
         states.append(s_n)
     return torch.cat(outs, dim=1), torch.cat(states, dim=0)
+
+# ----------------------------------------------------------------------------------------------------------------
+# LION (ALGORITHMS.md §4): the explicit T x T masked matrix, every mask entry built from its defining product.
+
+def lion_mask(T, H, *, decay="none", g=None, lam=None, decay_convention="symmetric", g_backward=None,
+              dtype=torch.float64):
+    """``M [B|1, H, T, T]`` with M_ij = prod of decays between i and j, written as in ALGORITHMS.md §4:
+
+    * none: 1;  fixed: ``lam_h ** |i - j|``;
+    * selective, symmetric: ``prod_{t=j+1..i} a_t`` (j <= i), ``prod_{t=i+1..j} b_t`` (j > i);
+    * selective, lion_code: ``prod_{t=j..i-1} a_t`` (j <= i), ``prod_{t=i+1..j} b_t`` (j > i);
+    with ``a = exp(g)``, ``b = exp(g_backward)`` (``b = a`` when absent). Each product is ``exp`` of a masked sum of
+    log decays (an indicator tensor over t, not a difference of cumulative sums)."""
+    i = torch.arange(T)[:, None]
+    j = torch.arange(T)[None, :]
+    if decay == "none":
+        return torch.ones(1, H, T, T, dtype=dtype)
+    if decay == "fixed":
+        return lam.to(dtype)[None, :, None, None] ** (i - j).abs().to(dtype)
+    t = torch.arange(T)[None, None, :]
+    i3, j3 = i[..., None], j[..., None]
+    if decay_convention == "symmetric":
+        lower = (j3 < t) & (t <= i3)          # t in j+1..i
+    else:
+        lower = (j3 <= t) & (t < i3)          # t in j..i-1
+    upper = (i3 < t) & (t <= j3)              # t in i+1..j
+    gf = g.to(dtype)
+    gb = (g_backward if g_backward is not None else g).to(dtype)
+    log_lower = torch.einsum("ijt,bth->bhij", lower.to(dtype), gf)
+    log_upper = torch.einsum("ijt,bth->bhij", upper.to(dtype), gb)
+    return torch.where(j <= i, log_lower.exp(), log_upper.exp())
+
+
+def lion_full(q, k, v, M, *, normalize=True, eps=1e-6, scale=1.0):
+    """``o_i = sum_j A_ij v_j / (sum_j A_ij + eps)`` (or the numerator alone), ``A = scale * M o (q k^T)``."""
+    A = scale * M * torch.einsum("bihk,bjhk->bhij", q, k)
+    num = torch.einsum("bhij,bjhv->bihv", A, v)
+    if not normalize:
+        return num
+    return num / (A.sum(-1).transpose(1, 2)[..., None] + eps)
+
+
+def lion_ref(q, k, v, g=None, *, decay="none", lam=None, normalize=True, eps=1e-6, scale=None, cu_seqlens=None,
+             decay_convention="symmetric", g_backward=None, dtype=torch.float64):
+    """Reference for ``linflow.lion`` (same signature and layout), in ``dtype``; with ``cu_seqlens`` (B = 1) every
+    sequence runs alone."""
+    if scale is None:
+        scale = 1.0 if normalize else q.shape[-1] ** -0.5
+    cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
+    q, k, v, g, lam, g_backward = map(cast, (q, k, v, g, lam, g_backward))
+
+    def run(q, k, v, g, gb):
+        M = lion_mask(q.shape[1], q.shape[2], decay=decay, g=g, lam=lam, decay_convention=decay_convention,
+                      g_backward=gb, dtype=dtype)
+        return lion_full(q, k, v, M, normalize=normalize, eps=eps, scale=scale)
+
+    if cu_seqlens is None:
+        return run(q, k, v, g, g_backward)
+    offsets = [int(x) for x in cu_seqlens.tolist()]
+    sl = lambda x, a, b: None if x is None else x[:, a:b]  # noqa: E731
+    return torch.cat([run(q[:, a:b], k[:, a:b], v[:, a:b], sl(g, a, b), sl(g_backward, a, b))
+                      for a, b in zip(offsets[:-1], offsets[1:])], dim=1)
