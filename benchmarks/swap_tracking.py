@@ -78,13 +78,15 @@ class Block(nn.Module):
 
 
 class Model(nn.Module):
-    def __init__(self, kind: str, hidden: int = 64, heads: int = 4, layers: int = 2):
+    def __init__(self, kind: str, hidden: int = 64, heads: int = 4, layers: int = 2, neg_eigval: bool = True,
+                 rope: bool = False):
         super().__init__()
         self.embed = nn.Embedding(len(SWAPS), hidden)
 
         def mixer():
             if kind == "deltaformer":
-                return Deltaformer(hidden, heads, chunk_size=32)
+                return Deltaformer(hidden, heads, chunk_size=32, allow_neg_eigval=neg_eigval,
+                                   rope_theta=10000.0 if rope else None)
             return SoftmaxAttention(hidden, heads)
 
         self.blocks = nn.ModuleList(Block(hidden, mixer()) for _ in range(layers))
@@ -107,7 +109,7 @@ def accuracy(model, tokens, targets):
 
 def train(kind: str, args) -> dict:
     torch.manual_seed(args.seed)
-    model = Model(kind, args.hidden, args.heads, args.layers)
+    model = Model(kind, args.hidden, args.heads, args.layers, not args.beta_max_1, args.deltaformer_rope)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -141,6 +143,9 @@ def main():
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=250)
+    p.add_argument("--beta-max-1", action="store_true", help="Deltaformer beta = sigmoid (default 2 sigmoid)")
+    p.add_argument("--deltaformer-rope", action="store_true", help="RoPE in the Deltaformer too (default: none; "
+                   "its write pass is order-aware by itself)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

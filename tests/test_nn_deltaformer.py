@@ -7,7 +7,7 @@ from linflow.nn import Deltaformer
 CONFIGS = [
     dict(),
     dict(num_kv_heads=1, use_write_proj=True),
-    dict(num_kv_heads=2, rope_theta=None, qkv_bias=True),
+    dict(num_kv_heads=2, rope_theta=None, qkv_bias=True, allow_neg_eigval=True),
 ]
 
 

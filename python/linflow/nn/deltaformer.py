@@ -1,6 +1,7 @@
 r"""Deltaformer attention layer (arXiv 2505.19488) on linflow's deltaformer op: a drop-in causal self-attention.
 
-    q = W_q x  (H heads),  k = W_k x,  v = W_v x  (Hkv heads),  beta = sigmoid(W_b x)  (one per KV head)
+    q = W_q x  (H heads),  k = W_k x,  v = W_v x  (Hkv heads),  beta = sigmoid(W_b x)  (one per KV head;
+                                                                   x 2 with allow_neg_eigval)
     w = W_w x  (use_write_proj) or k                             (the write query; the paper compares keys with keys)
     q, k, w <- RoPE(.)   (rope_theta not None; positions restart at every packed sequence)
     u_i = v_i - beta_i sum_{j<i} softmax_{j<i}(s w_i.k_j) u_j,   o = causal_softmax_attention(q, k, u)
@@ -45,6 +46,8 @@ class Deltaformer(nn.Module):
         qkv_bias: biases on the q / k / v (/ w) projections.
         rope_theta: rotary embedding base for q, k, w; None: no positional embedding (the write pass is
             order-aware by itself).
+        allow_neg_eigval: ``beta = 2 sigmoid(.)`` in (0, 2) (as DeltaNet's option: with the linear kernel,
+            ``beta = 2`` turns a write into a reflection, e.g. a swap of two slots).
         chunk_size: chunk size of the op (16, 32, 64).
 
     ``forward(x [B, T, hidden], cu_seqlens=None) -> y [B, T, hidden]``; with ``cu_seqlens`` (B = 1) the packed
@@ -53,7 +56,7 @@ class Deltaformer(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None, head_dim: int | None = None,
                  use_write_proj: bool = False, qkv_bias: bool = False, rope_theta: float | None = 10000.0,
-                 chunk_size: int = 64, device=None, dtype=None):
+                 allow_neg_eigval: bool = False, chunk_size: int = 64, device=None, dtype=None):
         super().__init__()
         fk = dict(device=device, dtype=dtype)
         num_kv_heads = num_kv_heads if num_kv_heads is not None else num_heads
@@ -64,6 +67,7 @@ class Deltaformer(nn.Module):
             raise ValueError(f"Deltaformer: head_dim={head_dim} must be positive (and even with rotary embeddings)")
         self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim = hidden_size, num_heads, num_kv_heads, head_dim
         self.use_write_proj, self.rope_theta, self.chunk_size = use_write_proj, rope_theta, chunk_size
+        self.allow_neg_eigval = allow_neg_eigval
         q_dim, kv_dim = num_heads * head_dim, num_kv_heads * head_dim
         self.q_proj = nn.Linear(hidden_size, q_dim, bias=qkv_bias, **fk)
         self.k_proj = nn.Linear(hidden_size, kv_dim, bias=qkv_bias, **fk)
@@ -80,6 +84,8 @@ class Deltaformer(nn.Module):
         v = self.v_proj(x).view(B, T, Hkv, D)
         w = self.w_proj(x).view(B, T, Hkv, D) if self.w_proj is not None else None
         beta = torch.sigmoid(self.b_proj(x).float())
+        if self.allow_neg_eigval:
+            beta = beta * 2
         if self.rope_theta is not None:
             pos = _positions(T, cu_seqlens, x.device)
             q, k = rotary(q, pos, self.rope_theta), rotary(k, pos, self.rope_theta)
@@ -89,4 +95,5 @@ class Deltaformer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"head_dim={self.head_dim}, use_write_proj={self.use_write_proj}, rope_theta={self.rope_theta}")
+                f"head_dim={self.head_dim}, use_write_proj={self.use_write_proj}, rope_theta={self.rope_theta}, "
+                f"allow_neg_eigval={self.allow_neg_eigval}")
