@@ -9,7 +9,7 @@ Two models of the same size (2 layers, pre-norm mixer + MLP), trained identicall
 Deltaformer (linflow.nn.Deltaformer) and causal softmax attention (same projections, RoPE, no delta write).
 Prints a table (accuracy on held-out sequences, over all positions and over the last quarter); never asserts.
 
-    PYTHONPATH=python python benchmarks/swap_tracking.py [--steps 1500] [--seq-len 24]
+    PYTHONPATH=python python benchmarks/swap_tracking.py [--steps 3000] [--seq-len 12]
 """
 from __future__ import annotations
 
@@ -134,15 +134,15 @@ def train(kind: str, args) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--seq-len", type=int, default=24)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--seq-len", type=int, default=12)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=250)
+    p.add_argument("--log-every", type=int, default=500)
     p.add_argument("--beta-max-1", action="store_true", help="Deltaformer beta = sigmoid (default 2 sigmoid)")
     p.add_argument("--deltaformer-rope", action="store_true", help="RoPE in the Deltaformer too (default: none; "
                    "its write pass is order-aware by itself)")
