@@ -55,4 +55,18 @@ TORCH_LIBRARY(linflow, m) {
       "lion_bwd(Tensor q, Tensor k, Tensor v, Tensor? g, Tensor? g_backward, Tensor? lam, Tensor? cu_seqlens, "
       "Tensor grad_o, str decay, str decay_convention, bool normalize, float eps, float scale, str mode, "
       "int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // Deltaformer (ALGORITHMS.md §3). q [B,T,H,K]; k, w [B,T,Hkv,K] (H % Hkv == 0; w absent: w = k); v [B,T,Hkv,V];
+  // beta [B,T,Hkv] (absent: 1); cu_seqlens [N+1] (B == 1). Returns o [B,T,H,V] and, for the backward, the
+  // pseudo-values u and r = P u [B,T,Hkv,V] and the log-sum-exps of the write and read softmaxes, lse_w [B,T,Hkv]
+  // and lse_o [B,T,H] (u, r, lse_* in fp32; fp64 for fp64 inputs).
+  m.def(
+      "deltaformer_fwd(Tensor q, Tensor k, Tensor v, Tensor? beta, Tensor? w, Tensor? cu_seqlens, float scale, "
+      "int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Gradients of deltaformer_fwd given grad_o (and grad_u, the cotangent of u, if u is used): (dq, dk, dv, dbeta,
+  // dw); dbeta / dw are empty tensors when beta / w are absent.
+  m.def(
+      "deltaformer_bwd(Tensor q, Tensor k, Tensor v, Tensor? beta, Tensor? w, Tensor? cu_seqlens, Tensor o, "
+      "Tensor u, Tensor r, Tensor lse_w, Tensor lse_o, Tensor grad_o, Tensor? grad_u, float scale, int chunk_size) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -176,3 +176,47 @@ def lion_ref(q, k, v, g=None, *, decay="none", lam=None, normalize=True, eps=1e-
     sl = lambda x, a, b: None if x is None else x[:, a:b]  # noqa: E731
     return torch.cat([run(q[:, a:b], k[:, a:b], v[:, a:b], sl(g, a, b), sl(g_backward, a, b))
                       for a, b in zip(offsets[:-1], offsets[1:])], dim=1)
+
+def deltaformer_ref(q, k, v, beta=None, w=None, scale=None, cu_seqlens=None, dtype=torch.float64):
+    r"""Reference for ``linflow.deltaformer`` (ALGORITHMS.md §3), token by token in ``dtype``:
+
+        u_1 = v_1;  u_i = v_i - beta_i sum_{j<i} softmax_{j<i}(s w_i.k_j) u_j       (per KV head; w = k if None)
+        o_i = sum_{j<=i} softmax_j(s q_i.k_j) u_j                                   (query head h: KV head h // G)
+
+    ``q [B, T, H, K]``, ``k, w [B, T, Hkv, K]``, ``v [B, T, Hkv, V]``, ``beta [B, T, Hkv]`` (None: 1). With
+    ``cu_seqlens`` (B = 1) every sequence runs alone. Returns ``(o [B, T, H, V], u [B, T, Hkv, V])``."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if cu_seqlens is not None:
+        assert q.shape[0] == 1, "cu_seqlens requires B = 1"
+        offsets = [int(x) for x in cu_seqlens.tolist()]
+        outs, us = [], []
+        for bos, eos in zip(offsets[:-1], offsets[1:]):
+            sl = lambda x: None if x is None else x[:, bos:eos]  # noqa: E731
+            o_n, u_n = deltaformer_ref(sl(q), sl(k), sl(v), sl(beta), sl(w), scale, None, dtype)
+            outs.append(o_n)
+            us.append(u_n)
+        return torch.cat(outs, dim=1), torch.cat(us, dim=1)
+    B, T, H, K = q.shape
+    Hkv, V = v.shape[2], v.shape[3]
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    w = k if w is None else w.to(dtype)
+    beta = torch.ones(B, T, Hkv, dtype=dtype, device=q.device) if beta is None else beta.to(dtype)
+    us = []
+    for i in range(T):
+        if i == 0:
+            us.append(v[:, 0])
+            continue
+        prev = torch.stack(us, dim=1)                                             # [B, i, Hkv, V]
+        logits = scale * torch.einsum("bhk,bjhk->bhj", w[:, i], k[:, :i])          # [B, Hkv, i]
+        p = torch.softmax(logits, dim=-1)
+        us.append(v[:, i] - beta[:, i, :, None] * torch.einsum("bhj,bjhv->bhv", p, prev))
+    u = torch.stack(us, dim=1) if us else v.new_zeros(B, 0, Hkv, V)
+    G = H // Hkv
+    kr, ur = k.repeat_interleave(G, dim=2), u.repeat_interleave(G, dim=2)
+    outs = []
+    for i in range(T):
+        logits = scale * torch.einsum("bhk,bjhk->bhj", q[:, i], kr[:, : i + 1])   # [B, H, i+1]
+        outs.append(torch.einsum("bhj,bjhv->bhv", torch.softmax(logits, dim=-1), ur[:, : i + 1]))
+    o = torch.stack(outs, dim=1) if outs else v.new_zeros(B, 0, H, V)
+    return o, u

@@ -273,3 +273,61 @@ def test_default_scale_is_inverse_sqrt_k():
     o, _ = fla.chunk_delta_rule(x["q"], x["k"], x["v"], beta)
     o_ref, _ = recurrence(x["q"], x["k"], x["v"], beta, None, 1 / math.sqrt(9))
     _close(o, o_ref, 1e-10)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# deltaformer_attn (fla.ops.deltaformer.parallel): fla's write query is q, its scale D ** -0.5
+
+def test_deltaformer_attn_signature_matches_fla():
+    params = inspect.signature(fla.deltaformer_attn).parameters.values()
+    assert [p.name for p in params] == ["q", "k", "v", "beta", "attention_mask", "cu_seqlens", "C"]
+
+
+def _deltaformer_inputs(B, T, H, Hkv, D, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    return r(B, T, H, D), r(B, T, Hkv, D), r(B, T, Hkv, D), torch.rand(B, T, H, generator=gen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("with_beta", [False, True])
+@pytest.mark.parametrize("H,Hkv", [(2, 2), (4, 2)])
+def test_deltaformer_attn_matches_float64_recurrence(H, Hkv, with_beta):
+    from reference import deltaformer_ref
+    q, k, v, beta = _deltaformer_inputs(2, 37, H, Hkv, 8)
+    beta = beta if with_beta else None
+    ins = _leaves(dict(q=q, k=k, v=v, **({"beta": beta} if with_beta else {})))
+    o = fla.deltaformer_attn(**ins)
+    kr, vr = (x.repeat_interleave(H // Hkv, dim=2) for x in (ins["k"], ins["v"]))
+    ro, _ = deltaformer_ref(ins["q"], kr, vr, ins.get("beta"), ins["q"], scale=8 ** -0.5)
+    _close(o, ro, 1e-10)
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(o.shape, generator=gen, dtype=o.dtype)
+    for a, b in zip(torch.autograd.grad((o * do).sum(), list(ins.values())),
+                    torch.autograd.grad((ro * do).sum(), list(ins.values()))):
+        _close(a, b, 1e-10)
+
+
+def test_deltaformer_attn_padding_mask_equals_separate_runs():
+    q, k, v, beta = _deltaformer_inputs(3, 20, 2, 2, 8)
+    lengths = [20, 7, 13]
+    mask = torch.zeros(3, 20, dtype=torch.long)
+    mask[0] = 1
+    mask[1, 20 - 7:] = 1  # left padding
+    mask[2, :13] = 1  # right padding
+    o = fla.deltaformer_attn(q, k, v, beta, attention_mask=mask)
+    for b, n in enumerate(lengths):
+        sl = mask[b].bool()
+        ob = fla.deltaformer_attn(q[b:b + 1, sl], k[b:b + 1, sl], v[b:b + 1, sl], beta[b:b + 1, sl])
+        _close(o[b:b + 1, sl], ob, 1e-12)
+        assert (o[b, ~sl] == 0).all()
+
+
+def test_deltaformer_attn_varlen_equals_separate_runs():
+    q, k, v, beta = _deltaformer_inputs(1, 30, 2, 1, 8)
+    cu = torch.tensor([0, 4, 4, 30])
+    o = fla.deltaformer_attn(q, k, v, beta, cu_seqlens=cu)
+    for bos, eos in ((0, 4), (4, 30)):
+        _close(o[:, bos:eos], fla.deltaformer_attn(q[:, bos:eos], k[:, bos:eos], v[:, bos:eos], beta[:, bos:eos]),
+               1e-12)
+    with pytest.raises(ValueError, match="batch size"):
+        fla.deltaformer_attn(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), cu_seqlens=cu)

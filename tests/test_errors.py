@@ -276,3 +276,107 @@ def test_float64_rejected_on_cuda():
     for name in ("q", "k", "v"):
         args[name] = args[name].double()
     expect_error(lambda: call(FWD, FWD_ARGS, args), "delta_rule_fwd", "q is float64 on CUDA")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# deltaformer (csrc/deltaformer/chunk_aten.cpp)
+
+DF_FWD, DF_BWD = torch.ops.linflow.deltaformer_fwd, torch.ops.linflow.deltaformer_bwd
+DF_FWD_ARGS = ["q", "k", "v", "beta", "w", "cu_seqlens", "scale", "chunk_size"]
+DF_BWD_ARGS = ["q", "k", "v", "beta", "w", "cu_seqlens", "o", "u", "r", "lse_w", "lse_o", "grad_o", "grad_u",
+               "scale", "chunk_size"]
+HQ, HKV = 4, 2  # grouped-query attention: 4 query heads read 2 KV heads
+
+
+def valid_deltaformer_args(place, varlen=False):
+    device, dtype = place
+    torch.manual_seed(0)
+    b = 1 if varlen else B
+    f = dict(device=device)
+    return dict(
+        q=torch.randn(b, T, HQ, K, dtype=dtype, **f), k=torch.randn(b, T, HKV, K, dtype=dtype, **f),
+        v=torch.randn(b, T, HKV, V, dtype=dtype, **f), beta=torch.rand(b, T, HKV, **f),
+        w=torch.randn(b, T, HKV, K, dtype=dtype, **f),
+        cu_seqlens=torch.tensor([0, 2, 2, T], dtype=torch.int32, device=device) if varlen else None,
+        scale=0.5, chunk_size=64)
+
+
+def with_forward_outputs(args):
+    o, u, r, lse_w, lse_o = DF_FWD(*[args[n] for n in DF_FWD_ARGS])
+    args.update(o=o, u=u, r=r, lse_w=lse_w, lse_o=lse_o, grad_o=torch.randn_like(o), grad_u=torch.randn_like(u))
+    return args
+
+
+DELTAFORMER_CASES = [
+    ("q_rank3", replace(q=lambda a: a["q"][0]), "q"),
+    ("k_rank5", replace(k=lambda a: a["k"][None]), "k"),
+    ("v_rank3", replace(v=lambda a: a["v"][0]), "v"),
+    ("beta_rank4", replace(beta=lambda a: a["beta"][..., None]), "beta"),
+    ("w_rank3", replace(w=lambda a: a["w"][0]), "w"),
+    ("k_heads_not_dividing", replace(k=lambda a: a["k"].new_ones(B, T, 3, K)), r"k has 3 heads"),
+    ("k_time", replace(k=lambda a: a["k"][:, :-1]), "k"),
+    ("k_head_dim", replace(k=lambda a: a["k"][..., :-1]), "k"),
+    ("v_heads", replace(v=lambda a: a["v"][:, :, :1]), "v"),
+    ("v_time", replace(v=lambda a: a["v"][:, 1:]), "v"),
+    ("beta_query_heads", replace(beta=lambda a: a["beta"].new_ones(B, T, HQ)), "beta"),
+    ("beta_time", replace(beta=lambda a: a["beta"][:, :-1]), "beta"),
+    ("w_query_heads", replace(w=lambda a: a["w"].new_ones(B, T, HQ, K)), "w"),
+    ("w_head_dim", replace(w=lambda a: a["w"][..., :-1]), "w"),
+    ("w_dtype_differs", replace(w=lambda a: a["w"].half()), r"w must have q's dtype"),
+    ("k_dtype_differs", replace(k=lambda a: a["k"].half()), r"q, k, v must share one dtype"),
+    ("q_int", replace(q=lambda a: a["q"].int()), "q"),
+    ("beta_int", replace(beta=lambda a: a["beta"].int()), "beta"),
+    ("v_bool", replace(v=lambda a: a["v"] > 0), "v"),
+    ("head_dim_k_300", replace(q=lambda a: a["q"].new_ones(B, T, HQ, 300), k=lambda a: a["k"].new_ones(B, T, HKV, 300),
+                               w=None), "head dim K"),
+    ("head_dim_v_0", replace(v=lambda a: a["v"][..., :0]), "head dim V"),
+    ("chunk_size_48", replace(chunk_size=48), "chunk_size"),
+    ("chunk_size_0", replace(chunk_size=0), "chunk_size"),
+]
+
+
+@pytest.mark.parametrize("mutation,argument", [pytest.param(m, a, id=i) for i, m, a in DELTAFORMER_CASES])
+def test_deltaformer_fwd_rejects_bad_argument(place, mutation, argument):
+    args = mutation(valid_deltaformer_args(place))
+    expect_error(lambda: call(DF_FWD, DF_FWD_ARGS, args), "deltaformer_fwd", argument)
+
+
+@pytest.mark.parametrize("mutation,argument", [pytest.param(m, a, id=i) for i, m, a in DELTAFORMER_CASES])
+def test_deltaformer_bwd_rejects_bad_argument(place, mutation, argument):
+    args = mutation(with_forward_outputs(valid_deltaformer_args(place)))
+    expect_error(lambda: call(DF_BWD, DF_BWD_ARGS, args), "deltaformer_bwd", argument)
+
+
+@pytest.mark.parametrize("name", ["o", "u", "r", "lse_w", "lse_o", "grad_o", "grad_u"])
+def test_deltaformer_bwd_rejects_bad_saved_or_gradient(place, name):
+    args = with_forward_outputs(valid_deltaformer_args(place))
+    args[name] = args[name][:, :-1]
+    expect_error(lambda: call(DF_BWD, DF_BWD_ARGS, args), "deltaformer_bwd", name)
+
+
+@pytest.mark.parametrize("mutation,argument,reads_values",
+                         [pytest.param(m, a, r, id=i) for i, m, a, r in CU_SEQLENS_CASES
+                          if i not in ("initial_state_not_N", "batch_not_1")]
+                         + [pytest.param(replace(**{n: (lambda a, n=n: torch.cat([a[n], a[n]]))
+                                                    for n in ("q", "k", "v", "beta", "w")}),
+                                         "cu_seqlens", False, id="batch_not_1")])
+def test_deltaformer_fwd_rejects_bad_cu_seqlens(place, mutation, argument, reads_values):
+    if reads_values and place[0] != "cpu":
+        pytest.skip("by design the values of a CUDA cu_seqlens are not checked (no host sync; checks.h)")
+    args = mutation(valid_deltaformer_args(place, varlen=True))
+    expect_error(lambda: call(DF_FWD, DF_FWD_ARGS, args), "deltaformer_fwd", argument)
+
+
+def test_deltaformer_public_function_reports_op_errors():
+    args = valid_deltaformer_args(("cpu", torch.float32))
+    with pytest.raises(RuntimeError, match=r"deltaformer_fwd: (.*\W)?chunk_size"):
+        linflow.deltaformer(args["q"], args["k"], args["v"], chunk_size=100)
+    with pytest.raises(RuntimeError, match=r"deltaformer_fwd: (.*\W)?beta"):
+        linflow.deltaformer(args["q"], args["k"], args["v"], args["beta"][:, :-1])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["k", "v", "beta", "w"])
+def test_deltaformer_fwd_rejects_mixed_devices(name):
+    args = to_cpu(name)(valid_deltaformer_args(CUDA_FP32))
+    expect_error(lambda: call(DF_FWD, DF_FWD_ARGS, args), "deltaformer_fwd", rf"{name} is on cpu")

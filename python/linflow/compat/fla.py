@@ -1,4 +1,5 @@
 r"""Drop-in replacements for flash-linear-attention's delta-rule ops, with fla's argument names and order.
+(:func:`deltaformer_attn`, fla's ``fla.ops.deltaformer.deltaformer_attn``, is at the end of this module.)
 
     from linflow.compat.fla import chunk_gated_delta_rule      # instead of fla.ops.gated_delta_rule
 
@@ -38,8 +39,10 @@ import torch.nn.functional as F
 
 from linflow.ops.delta_rule import delta_rule
 from linflow.ops.flow import flow_delta_rule
+from linflow.ops.deltaformer import deltaformer
 
 __all__ = [
+    "deltaformer_attn",
     "chunk_delta_rule",
     "chunk_gated_delta_product",
     "chunk_gated_delta_rule",
@@ -349,3 +352,61 @@ def chunk_gated_delta_product(
                            form="product", scale=scale, initial_state=initial_state,
                            output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                            use_qk_l2norm=use_qk_l2norm_in_kernel)
+
+def deltaformer_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    C: int = 512,
+) -> torch.Tensor:
+    r"""Deltaformer attention, as ``fla.ops.deltaformer.deltaformer_attn``: :func:`linflow.deltaformer` with fla's
+    write query ``w = q`` (query-key write) and scale ``D ** -0.5``.
+
+        u_i = v_i - beta_i sum_{j<i} softmax_{j<i}(q_i.k_j / sqrt(D)) u_j,    o = causal_softmax_attention(q, k, u)
+
+    Args:
+        q: ``[B, T, H, D]``. k, v: ``[B, T, Hkv, D]`` (``H % Hkv == 0``; with ``Hkv < H`` k and v are repeated to
+            the H query heads, since the write pass runs on the heads of ``w = q``).
+        beta: ``[B, T, H]`` (used as given, no sigmoid); None: ones.
+        attention_mask: ``[B, T]`` 0/1 padding mask (1 = token). Each row's tokens form one sequence; padded
+            positions take no part in either pass and their outputs are 0. (fla runs its write pass over the padded
+            rows and masks only the read; the two agree for right padding.)
+        cu_seqlens: ``[N + 1]`` offsets of packed sequences (B must be 1).
+        C: fla's block size; accepted and unused (our result does not depend on the blocking).
+
+    Returns:
+        ``o`` ``[B, T, H, D]`` in q's dtype.
+
+    More than fla: fp32 / fp64 inputs, CPU tensors, no flash-attn dependency, and a write pass that respects the
+    padding mask.
+    """
+    if cu_seqlens is not None and q.shape[0] != 1:
+        raise ValueError(f"The batch size is expected to be 1 rather than {q.shape[0]} when using `cu_seqlens`. "
+                         "Please flatten variable-length inputs before processing.")
+    if attention_mask is not None and cu_seqlens is not None:
+        raise ValueError("Pass either `attention_mask` or `cu_seqlens`, not both.")
+    H, Hkv = q.shape[2], k.shape[2]
+    if v.shape[2] != Hkv or H % Hkv != 0:
+        raise ValueError(f"k and v must have the same number of heads, dividing q's: got q {H}, k {Hkv}, "
+                         f"v {v.shape[2]}")
+    if Hkv != H:
+        k = k.repeat_interleave(H // Hkv, dim=2)
+        v = v.repeat_interleave(H // Hkv, dim=2)
+    scale = q.shape[-1] ** -0.5
+    if attention_mask is None:
+        return deltaformer(q, k, v, beta, q, scale=scale, cu_seqlens=cu_seqlens)
+    if attention_mask.shape != q.shape[:2]:
+        raise ValueError(f"attention_mask must be [B, T] = {tuple(q.shape[:2])}, got {tuple(attention_mask.shape)}")
+    B, T = q.shape[:2]
+    keep = attention_mask.reshape(-1).bool()
+    index = keep.nonzero().squeeze(1)
+    lengths = attention_mask.bool().sum(1)
+    cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int64)
+    packed = [None if x is None else x.reshape(B * T, *x.shape[2:]).index_select(0, index)[None]
+              for x in (q, k, v, beta)]
+    o = deltaformer(packed[0], packed[1], packed[2], packed[3], packed[0], scale=scale, cu_seqlens=cu)
+    out = o.new_zeros(B * T, *o.shape[2:]).index_copy(0, index, o[0])
+    return out.view(B, T, *o.shape[2:])
