@@ -108,3 +108,21 @@ def values_and_grads(fn, inputs: dict, do, dht):
     names = [n for n, x in inputs.items() if x is not None]
     grads = torch.autograd.grad(loss, [inputs[n] for n in names])
     return o.detach(), (ht.detach() if ht is not None else None), dict(zip(names, grads))
+
+
+def high_precision_params():
+    """(device, dtype) for the tight-tolerance checks: fp64 and fp32 on CPU, fp32 on CUDA."""
+    params = [("cpu", torch.float64), ("cpu", torch.float32)]
+    if HAS_CUDA:
+        params.append(("cuda", torch.float32))
+    return [pytest.param(d, t, id=f"{d}-{str(t)[6:]}") for d, t in params]
+
+
+def low_precision_params(cases, cpu_cases):
+    """(case, device, dtype) for bf16 / fp16: a few cases on CPU (slow there), every case on CUDA."""
+    params = []
+    for dtype in (torch.bfloat16, torch.float16):
+        params += [pytest.param(c, "cpu", dtype, id=f"{c}-cpu-{str(dtype)[6:]}") for c in cpu_cases]
+        if HAS_CUDA:
+            params += [pytest.param(c, "cuda", dtype, id=f"{c}-cuda-{str(dtype)[6:]}") for c in cases]
+    return params

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import linflow
-from conftest import (HAS_CUDA, STATE_DTYPE, assert_rel_close, cotangents, leaves, make_inputs, rel_err,
-                      values_and_grads)
+from conftest import (HAS_CUDA, STATE_DTYPE, assert_rel_close, cotangents, high_precision_params, leaves,
+                      low_precision_params, make_inputs, rel_err, values_and_grads)
 from reference import delta_rule_ref, l2norm_ref
 
 FWD, BWD = torch.ops.linflow.delta_rule_fwd, torch.ops.linflow.delta_rule_bwd
@@ -106,20 +106,6 @@ def oracle(case: Case, inputs, do, dht):
                             dht.double() if dht is not None else None)
 
 
-def high_precision_params():
-    params = [("cpu", torch.float64), ("cpu", torch.float32)]
-    if HAS_CUDA:
-        params.append(("cuda", torch.float32))
-    return [pytest.param(d, t, id=f"{d}-{str(t)[6:]}") for d, t in params]
-
-
-def low_precision_params():
-    params = []
-    for dtype in (torch.bfloat16, torch.float16):
-        params += [pytest.param(c, "cpu", dtype, id=f"{c}-cpu-{str(dtype)[6:]}") for c in CPU_LOW_PRECISION_CASES]
-        if HAS_CUDA:
-            params += [pytest.param(c, "cuda", dtype, id=f"{c}-cuda-{str(dtype)[6:]}") for c in CASES]
-    return params
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -147,7 +133,7 @@ def test_values_and_grads_match_reference(case, device, dtype):
         assert_rel_close(grad, rgrads[name], tol, f"d{name}")
 
 
-@pytest.mark.parametrize("case,device,dtype", low_precision_params())
+@pytest.mark.parametrize("case,device,dtype", low_precision_params(CASES, CPU_LOW_PRECISION_CASES))
 def test_low_precision_within_2x_pytorch_error(case, device, dtype):
     torch.manual_seed(0)
     inputs, do, dht = case_inputs(case, dtype, device)

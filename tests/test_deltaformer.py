@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import linflow
-from conftest import HAS_CUDA, assert_rel_close, rel_err
+from conftest import HAS_CUDA, assert_rel_close, high_precision_params, low_precision_params, rel_err
 from reference import deltaformer_ref
 
 FWD, BWD = torch.ops.linflow.deltaformer_fwd, torch.ops.linflow.deltaformer_bwd
@@ -119,20 +119,6 @@ def run_ref(case: Case, dtype=torch.float64, **kw):
     return fn
 
 
-def high_precision_params():
-    params = [("cpu", torch.float64), ("cpu", torch.float32)]
-    if HAS_CUDA:
-        params.append(("cuda", torch.float32))
-    return [pytest.param(d, t, id=f"{d}-{str(t)[6:]}") for d, t in params]
-
-
-def low_precision_params():
-    params = []
-    for dtype in (torch.bfloat16, torch.float16):
-        params += [pytest.param(c, "cpu", dtype, id=f"{c}-cpu-{str(dtype)[6:]}") for c in CPU_LOW_PRECISION_CASES]
-        if HAS_CUDA:
-            params += [pytest.param(c, "cuda", dtype, id=f"{c}-cuda-{str(dtype)[6:]}") for c in CASES]
-    return params
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -160,7 +146,7 @@ def test_values_and_grads_match_reference(case, device, dtype):
             assert_rel_close(grad, rgrads[name], tol, f"d{name}")
 
 
-@pytest.mark.parametrize("case,device,dtype", low_precision_params())
+@pytest.mark.parametrize("case,device,dtype", low_precision_params(CASES, CPU_LOW_PRECISION_CASES))
 def test_low_precision_within_2x_pytorch_error(case, device, dtype):
     inputs = make_deltaformer_inputs(case, dtype, device)
     do, du = cotangents(case, dtype, device)

@@ -43,6 +43,39 @@ inline void check_head_dim(const char* op, const char* name, int64_t d) {
   TORCH_CHECK(d >= 1 && d <= 256, op, ": ", name, " = ", d, " is not supported (expected 1..256)");
 }
 
+// q [B, T, H, K], k [B, T, Hkv, K], v [B, T, Hkv, V] of one dtype, head dims in 1..256. Hkv == H unless
+// `grouped` (then H % Hkv == 0: grouped-query attention).
+struct QKVShape {
+  int64_t B, T, H, Hkv, K, V;
+};
+
+inline QKVShape check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          bool grouped = false) {
+  TORCH_CHECK(q.defined() && q.dim() == 4, op, ": q must have shape [B, T, H, K], got ",
+              q.defined() ? shape_str(q.sizes()) : std::string("undefined"));
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), K = q.size(3);
+  const at::Device dev = q.device();
+  check_float_tensor(op, "q", q, {B, T, H, K}, dev);
+  int64_t Hkv = H;
+  if (grouped) {
+    TORCH_CHECK(k.defined() && k.dim() == 4, op, ": k must have shape [B, T, Hkv, K] = [", B, ", ", T, ", Hkv, ", K,
+                "], got ", k.defined() ? shape_str(k.sizes()) : std::string("undefined"));
+    Hkv = k.size(2);
+    TORCH_CHECK(Hkv >= 1 && H % Hkv == 0, op, ": k has ", Hkv, " heads, which must divide the ", H,
+                " query heads of q (grouped-query attention)");
+  }
+  check_float_tensor(op, "k", k, {B, T, Hkv, K}, dev);
+  TORCH_CHECK(v.defined() && v.dim() == 4, op, ": v must have shape [B, T, ", grouped ? "Hkv" : "H", ", V] = [", B,
+              ", ", T, ", ", Hkv, ", V], got ", v.defined() ? shape_str(v.sizes()) : std::string("undefined"));
+  const int64_t V = v.size(3);
+  check_float_tensor(op, "v", v, {B, T, Hkv, V}, dev);
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k, v must share one dtype, got q ", q.scalar_type(), ", k ", k.scalar_type(), ", v ", v.scalar_type());
+  check_head_dim(op, "head dim K (q.size(-1))", K);
+  check_head_dim(op, "head dim V (v.size(-1))", V);
+  return {B, T, H, Hkv, K, V};
+}
+
 // cu_seqlens: int32/int64, 1-D [N+1], on the data's device, starts at 0, ends at total_t, non-decreasing.
 // The monotonic / endpoint checks read values: done on CPU tensors only (no device sync on CUDA).
 inline int64_t check_cu_seqlens(const char* op, const std::optional<at::Tensor>& cu, int64_t batch, int64_t total_t,

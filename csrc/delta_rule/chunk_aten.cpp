@@ -18,22 +18,11 @@ using at::Tensor;
 Shapes check_args(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& beta,
                   const std::optional<Tensor>& g, const std::optional<Tensor>& initial_state,
                   const std::optional<Tensor>& cu_seqlens, int64_t chunk_size) {
-  TORCH_CHECK(q.defined() && q.dim() == 4, op, ": q must have shape [B, T, H, K], got ",
-              q.defined() ? shape_str(q.sizes()) : std::string("undefined"));
-  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), K = q.size(3);
+  const QKVShape qkv = check_qkv(op, q, k, v);
+  const int64_t B = qkv.B, T = qkv.T, H = qkv.H, K = qkv.K, V = qkv.V;
   const at::Device dev = q.device();
-  check_float_tensor(op, "q", q, {B, T, H, K}, dev);
-  check_float_tensor(op, "k", k, {B, T, H, K}, dev);
-  TORCH_CHECK(v.defined() && v.dim() == 4, op, ": v must have shape [B, T, H, V] = [", B, ", ", T, ", ", H,
-              ", V], got ", v.defined() ? shape_str(v.sizes()) : std::string("undefined"));
-  const int64_t V = v.size(3);
-  check_float_tensor(op, "v", v, {B, T, H, V}, dev);
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-              ": q, k, v must share one dtype, got q ", q.scalar_type(), ", k ", k.scalar_type(), ", v ", v.scalar_type());
   check_float_tensor(op, "beta", beta, {B, T, H}, dev);
   check_optional_float_tensor(op, "g", g, {B, T, H}, dev);
-  check_head_dim(op, "head dim K (q.size(-1))", K);
-  check_head_dim(op, "head dim V (v.size(-1))", V);
   TORCH_CHECK(chunk_size == 16 || chunk_size == 32 || chunk_size == 64, op, ": chunk_size must be 16, 32 or 64, got ",
               chunk_size);
   const int64_t N = check_cu_seqlens(op, cu_seqlens, B, T, dev);

@@ -48,20 +48,9 @@ Config check_args(const char* op, const Tensor& q, const Tensor& k, const Tensor
                   const std::optional<Tensor>& cu_seqlens, const std::string& decay,
                   const std::string& decay_convention, bool normalize, double eps, double scale,
                   const std::string& mode, int64_t chunk_size) {
-  TORCH_CHECK(q.defined() && q.dim() == 4, op, ": q must have shape [B, T, H, K], got ",
-              q.defined() ? shape_str(q.sizes()) : std::string("undefined"));
-  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), K = q.size(3);
+  const QKVShape qkv = check_qkv(op, q, k, v);
+  const int64_t B = qkv.B, T = qkv.T, H = qkv.H, K = qkv.K, V = qkv.V;
   const at::Device dev = q.device();
-  check_float_tensor(op, "q", q, {B, T, H, K}, dev);
-  check_float_tensor(op, "k", k, {B, T, H, K}, dev);
-  TORCH_CHECK(v.defined() && v.dim() == 4, op, ": v must have shape [B, T, H, V] = [", B, ", ", T, ", ", H,
-              ", V], got ", v.defined() ? shape_str(v.sizes()) : std::string("undefined"));
-  const int64_t V = v.size(3);
-  check_float_tensor(op, "v", v, {B, T, H, V}, dev);
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-              ": q, k, v must share one dtype, got q ", q.scalar_type(), ", k ", k.scalar_type(), ", v ", v.scalar_type());
-  check_head_dim(op, "head dim K (q.size(-1))", K);
-  check_head_dim(op, "head dim V (v.size(-1))", V);
 
   Config c{};
   c.B = B; c.T = T; c.H = H; c.K = K; c.V = V;
@@ -413,7 +402,7 @@ SliceGrads bwd_dense(const Config& c, const Tensor& q, const Tensor& k, const Te
   r.dk = from_bh(dk, B, H, k.scalar_type());
   r.dv = from_bh(c.normalize ? dv.narrow(-1, 0, c.V) : dv, B, H, v.scalar_type());
   if (c.decay == Decay::fixed) {
-    r.dloglam = (dgf + dgb).view({B, H, L}).sum({0, 2});
+    r.dloglam = (dgf + dgb).view({B, H, L}).sum(at::IntArrayRef{0, 2});
   } else if (c.decay == Decay::selective) {
     Tensor dgh = c.convention == Convention::lion_code ? shift_left(dgf) : dgf;
     if (has(gbk)) {
