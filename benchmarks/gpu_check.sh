@@ -7,7 +7,8 @@
 #   SKIP_BUILD=1   reuse python/linflow/_C*.so        SKIP_TESTS=1   no pytest         SKIP_BENCH=1   no benchmark
 #   TESTS="tests/test_delta_rule.py"   test files (default: tests/test_*.py, one pytest process each)
 #   PYTEST_ARGS="-k cuda"   extra pytest arguments (default: -k cuda; PYTEST_ARGS=" " runs the CPU cases too)
-#   BENCH_ARGS="--quick --shapes 8x4096"   extra arguments of benchmarks/bench_delta_rule.py
+#   BENCHES="delta_rule lion"   benchmarks/bench_<name>.py to run (default: delta_rule), sharing the budget left
+#   BENCH_ARGS="--quick"   extra arguments of every benchmark (each takes --budget-s)
 #   BUDGET_S=480   wall-clock budget of the whole script; the benchmark gets what build and tests leave
 #   BUILD_TIMEOUT=330  TEST_TIMEOUT=240   per-stage limits (s)
 # Logs and results land in $OUT (default benchmarks/results/gpu_check): build.log, tests.log, bench.log,
@@ -94,20 +95,26 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
 fi
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  left=$(( BUDGET_S - $(elapsed) ))
-  if [ $left -lt 90 ]; then
-    echo "== benchmark skipped: only $left s of BUDGET_S=$BUDGET_S left (raise BUDGET_S, or SKIP_TESTS=1)"
-    SUMMARY+=("bench skipped (budget)")
-  else
+  # BENCHES: which benchmarks/bench_<name>.py to run, in order; each gets an equal share of the budget left.
+  benches=(${BENCHES:-delta_rule})
+  for i in "${!benches[@]}"; do
+    name=${benches[$i]}
+    left=$(( BUDGET_S - $(elapsed) ))
+    share=$(( left / (${#benches[@]} - i) ))
+    if [ $share -lt 90 ]; then
+      echo "== benchmark $name skipped: only $share s of BUDGET_S=$BUDGET_S for it (raise BUDGET_S, or SKIP_TESTS=1)"
+      SUMMARY+=("bench $name skipped (budget)")
+      continue
+    fi
     # shellcheck disable=SC2086
-    stage "benchmark: python benchmarks/bench_delta_rule.py --budget-s $(( left - 60 )) ${BENCH_ARGS:-}"
+    stage "benchmark: python benchmarks/bench_$name.py --budget-s $(( share - 60 )) ${BENCH_ARGS:-}"
     t=$(date +%s)
-    timeout -k 20 -s TERM $(( left - 5 )) \
-      python benchmarks/bench_delta_rule.py --budget-s $(( left - 60 )) ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+    timeout -k 20 -s TERM $(( share - 5 )) \
+      python "benchmarks/bench_$name.py" --budget-s $(( share - 60 )) ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_$name.log"
     rc=$?
     [ $rc -ne 0 ] && STATUS=1
-    SUMMARY+=("bench rc $rc $(( $(date +%s) - t ))s")
-  fi
+    SUMMARY+=("bench $name rc $rc $(( $(date +%s) - t ))s")
+  done
 fi
 
 echo
