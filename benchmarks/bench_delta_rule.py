@@ -355,30 +355,6 @@ class Runner:
 
 
 # --------------------------------------------------------------------------------------------------------- main
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM (timeout) ends the run like Ctrl-C: report and save what was measured
-
-
-def _raise(message: str):
-    raise RuntimeError(message)
-
-
-def parse_shapes(text: str | None, default: dict) -> dict:
-    if not text:
-        return dict(default)
-    shapes = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        if item in SHAPES:
-            shapes[item] = SHAPES[item]
-            continue
-        m = re.fullmatch(r"[Bb]?(\d+)\s*[x\-]\s*[Tt]?(\d+)", item)
-        if not m:
-            raise SystemExit(f"--shapes: cannot read {item!r} (use e.g. 8x4096 or B8-T4096)")
-        B, T = int(m.group(1)), int(m.group(2))
-        shapes[f"B{B}-T{T}"] = (B, T)
-    return shapes
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer repetitions (warmup 10 ms, rep 40 ms)")
@@ -405,13 +381,13 @@ def parse_args(argv=None):
         args.warmup_ms, args.rep_ms = 5.0, 20.0
         if args.results_dir is None:
             args.results_dir = tempfile.mkdtemp(prefix="linflow-bench-smoke-")
-    args.shape_map = parse_shapes(args.shapes, {"B2-T128": (2, 128)} if args.cpu_smoke else SHAPES)
+    args.shape_map = hz.parse_shapes(args.shapes, {"B2-T128": (2, 128)} if args.cpu_smoke else SHAPES, SHAPES)
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, hz.interrupt)
     if args.cpu_smoke:
         device, dtype = torch.device("cpu"), torch.bfloat16
     elif torch.cuda.is_available():
@@ -462,7 +438,7 @@ def main(argv=None) -> int:
                 flops = lambda p, B=B, T=T: delta_rule_flops(B, T, H, D, D, C, p)  # noqa: E731
                 bytes_ = lambda p, x=x, gated=gated: delta_rule_bytes(x, gated, p)  # noqa: E731
                 if lf is None:
-                    run.train("linflow", variant, shape, lambda: _raise(lf_note), x, gated, None, False, flops, bytes_)
+                    run.train("linflow", variant, shape, lambda: hz.raise_(lf_note), x, gated, None, False, flops, bytes_)
                     continue
                 o = run.train("linflow", variant, shape, lambda: linflow_chunk(lf, x, gated, l2, C), x, gated, None,
                               False, flops, bytes_, keep_output=not args.skip_fla)

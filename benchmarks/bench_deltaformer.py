@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "python"))
 
 import harness as hz  # noqa: E402
-import bench_delta_rule as bdr  # noqa: E402  (Runner, import_linflow, parse_shapes: reused, not edited)
+import bench_delta_rule as bdr  # noqa: E402  (Runner, import_linflow: reused)
 
 SHAPES = {"B8-T4096": (8, 4096), "B2-T16384": (2, 16384)}
 PASSES = bdr.PASSES
@@ -181,13 +181,13 @@ def parse_args(argv=None):
         args.warmup_ms, args.rep_ms = 5.0, 20.0
         if args.results_dir is None:
             args.results_dir = tempfile.mkdtemp(prefix="linflow-bench-smoke-")
-    args.shape_map = bdr.parse_shapes(args.shapes, {"B2-T128": (2, 128)} if args.cpu_smoke else SHAPES)
+    args.shape_map = hz.parse_shapes(args.shapes, {"B2-T128": (2, 128)} if args.cpu_smoke else SHAPES, SHAPES)
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, bdr._interrupt)
+    signal.signal(signal.SIGTERM, hz.interrupt)
     if args.cpu_smoke:
         device, dtype = torch.device("cpu"), torch.bfloat16
     elif torch.cuda.is_available():
@@ -239,7 +239,7 @@ def main(argv=None) -> int:
             bytes_ = lambda p, q=q, k=k, v=v, beta=beta: attn_bytes(q, k, v, p, (beta,))  # noqa: E731
             print(f"{shape}:", flush=True)
             if lf is None:
-                run.train("linflow", VARIANT, shape, lambda: bdr._raise(lf_note), None, False, dims, False, flops,
+                run.train("linflow", VARIANT, shape, lambda: hz.raise_(lf_note), None, False, dims, False, flops,
                           bytes_)
             else:
                 o = run.train("linflow", VARIANT, shape,

@@ -148,10 +148,6 @@ def import_fla(root: Path):
 
 
 # --------------------------------------------------------------------------------------------------------- main
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer repetitions (warmup 10 ms, rep 40 ms)")
@@ -185,7 +181,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, hz.interrupt)
     if args.cpu_smoke:
         device, dtype = torch.device("cpu"), torch.bfloat16
     elif torch.cuda.is_available():

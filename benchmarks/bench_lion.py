@@ -19,7 +19,6 @@ this process; goals from the issue as columns. Benchmarks never assert. The tabl
 from __future__ import annotations
 
 import argparse
-import re
 import signal
 import sys
 import tempfile
@@ -281,30 +280,6 @@ class Runner:
 
 
 # --------------------------------------------------------------------------------------------------------- main
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM (timeout) ends the run like Ctrl-C: report and save what was measured
-
-
-def _raise(message: str):
-    raise RuntimeError(message)
-
-
-def parse_shapes(text: str | None, default: dict) -> dict:
-    if not text:
-        return dict(default)
-    shapes = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        if item in SHAPES:
-            shapes[item] = SHAPES[item]
-            continue
-        m = re.fullmatch(r"[Bb]?(\d+)\s*[x\-]\s*[Tt]?(\d+)", item)
-        if not m:
-            raise SystemExit(f"--shapes: cannot read {item!r} (use e.g. 8x4096 or B8-T4096)")
-        B, T = int(m.group(1)), int(m.group(2))
-        shapes[f"B{B}-T{T}"] = (B, T)
-    return shapes
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer repetitions (warmup 10 ms, rep 40 ms)")
@@ -336,13 +311,13 @@ def parse_args(argv=None):
         args.scaling_tokens, args.scaling_ts = 256, (32, 64, 128, 256)
         if args.results_dir is None:
             args.results_dir = tempfile.mkdtemp(prefix="linflow-bench-smoke-")
-    args.shape_map = parse_shapes(args.shapes, {"B2-T128": (2, 128)} if args.cpu_smoke else SHAPES)
+    args.shape_map = hz.parse_shapes(args.shapes, {"B2-T128": (2, 128)} if args.cpu_smoke else SHAPES, SHAPES)
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, hz.interrupt)
     if args.cpu_smoke:
         device, dtype = torch.device("cpu"), torch.bfloat16
     elif torch.cuda.is_available():
@@ -386,7 +361,7 @@ def main(argv=None) -> int:
                 leaves = x.leaves(decay)
                 flops = lambda p, B=B, T=T: lion_flops(B, T, H, D, D, C, p)  # noqa: E731
                 bytes_ = lambda p, x=x, leaves=leaves: io_bytes(leaves, x.do, p)  # noqa: E731
-                make = (lambda: _raise(lf_note)) if lf is None else \
+                make = (lambda: hz.raise_(lf_note)) if lf is None else \
                     (lambda x=x, decay=decay: lion_fn(lf, x, decay, "chunked", C))
                 run.train("train", "linflow", name, shape, make, leaves, x.do, False, flops, bytes_)
                 del x, leaves

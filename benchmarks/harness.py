@@ -468,3 +468,29 @@ if __name__ == "__main__":  # python benchmarks/harness.py: this device's ceilin
     print(environment(dev))
     print(f"copy {c.copy_gbps or 0:.0f} GB/s (read+write, {c.copy_bytes / 2**30:.2f} GiB moved); "
           f"GEMM {c.gemm_tflops or 0:.2f} TFLOP/s ({c.gemm_dtype} {c.gemm_n}^3) {' '.join(c.notes)}")
+
+
+# ------------------------------------------------------------------------------------------- shared CLI plumbing
+def interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (timeout) ends the run like Ctrl-C: report and save what was measured
+
+
+def raise_(message: str):
+    raise RuntimeError(message)
+
+
+def parse_shapes(text: str | None, default: dict, named: dict) -> dict:
+    """--shapes: a comma list of names from `named` or BxT / B8-T4096 items; `default` when empty."""
+    if not text:
+        return dict(default)
+    shapes = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        if item in named:
+            shapes[item] = named[item]
+            continue
+        m = re.fullmatch(r"[Bb]?(\d+)\s*[x\-]\s*[Tt]?(\d+)", item)
+        if not m:
+            raise SystemExit(f"--shapes: cannot read {item!r} (use e.g. 8x4096 or B8-T4096)")
+        B, T = int(m.group(1)), int(m.group(2))
+        shapes[f"B{B}-T{T}"] = (B, T)
+    return shapes
