@@ -14,20 +14,11 @@ import torch
 import torch.nn.functional as F
 
 import linflow
-from conftest import HAS_CUDA, assert_rel_close, high_precision_params, low_precision_params, rel_err
+from conftest import (CAP, HAS_CUDA, TOL, assert_rel_close, high_precision_params, low_precision_params,
+                      low_precision_tol, rel_err)
 from reference import deltaformer_ref
 
 FWD, BWD = torch.ops.linflow.deltaformer_fwd, torch.ops.linflow.deltaformer_bwd
-
-TOL = {("cpu", torch.float64): 1e-10, ("cpu", torch.float32): 2e-5, ("cuda", torch.float32): 5e-3}
-ROUNDOFF_FLOOR = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
-CAP = {torch.bfloat16: (2e-2, 4e-2), torch.float16: (2.5e-3, 5e-3)}  # (values, gradients)
-
-
-def low_precision_tol(baseline_err: float, dtype, gradient: bool) -> float:
-    floor = ROUNDOFF_FLOOR[dtype] * (2 if gradient else 1)
-    return min(max(2 * baseline_err, floor), CAP[dtype][gradient])
-
 
 class Case(NamedTuple):
     T: int

@@ -11,12 +11,11 @@ import torch
 import torch.nn.functional as F
 
 import linflow
-from conftest import (HAS_CUDA, STATE_DTYPE, assert_rel_close, cotangents, leaves, rel_err, values_and_grads)
+from conftest import (HAS_CUDA, STATE_DTYPE, TOL, assert_rel_close, cotangents, leaves, low_precision_tol, rel_err,
+                      values_and_grads)
 from reference import flow_ref, l2norm_ref
-from test_delta_rule import low_precision_tol
 
 FWD, BWD, TRANSITION = torch.ops.linflow.flow_fwd, torch.ops.linflow.flow_bwd, torch.ops.linflow.flow_transition
-TOL = {("cpu", torch.float64): 1e-10, ("cpu", torch.float32): 2e-5, ("cuda", torch.float32): 5e-3}
 FORMS = ["product", "simultaneous"]
 
 
