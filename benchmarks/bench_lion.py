@@ -144,9 +144,13 @@ FBLA_CANDIDATES = (  # (module, function): fla-org/flash-bidirectional-linear-at
 )
 
 
-def import_fbla():
-    """Optional: the first candidate that imports. Returns (fn, name, error)."""
+def import_fbla(root: Path = REPO / ".fla"):
+    """Optional: the first candidate that imports (from `root`, the git-ignored folder that also holds fla/, or
+    site-packages). Returns (fn, name, error)."""
     import importlib
+
+    if root.is_dir() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
 
     errors = []
     for mod, fn in FBLA_CANDIDATES:

@@ -49,6 +49,13 @@ nvcc --version 2>&1 | tail -n 2 || echo "nvcc not found"
 [ -d "$ROOT/.fla/fla" ] && echo "fla: $ROOT/.fla ($(cat "$ROOT/.fla/COMMIT" 2>/dev/null || echo 'commit unknown'))" \
   || echo "fla: no .fla/fla here (carry .fla for the fla rows)"
 
+# The GPU machine's default CC/CXX (/opt/gcc) builds an extension whose C++ exceptions crash the process (every
+# TORCH_CHECK that fires segfaults, seen there with torch 2.11); the system compiler, whose C++ runtime is the one
+# loaded at run time, does not. LINFLOW_CXX overrides.
+if [ -n "${LINFLOW_CXX:-}" ]; then export CXX=$LINFLOW_CXX
+elif [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
+echo "host compiler: ${CXX:-c++} ($(${CXX:-c++} --version 2>/dev/null | head -n 1))"
+
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   stage "build: TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} python setup.py build_ext --inplace"
   t=$(date +%s)

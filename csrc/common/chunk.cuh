@@ -57,23 +57,14 @@ __device__ __forceinline__ void load_rows(float* dst, const B* src, int64_t stri
   for (int r = threadIdx.x; r < C; r += blockDim.x) dst[r] = r < rows ? tile::to_f(src[r * stride]) : 0.f;
 }
 
-// From Ks (the chunk's keys, C x KP half tile) and beta, gamma: KKE = (K K^T) o E on r >= u (fp32, ld_f(C)), and
-// Tm = (I + A)^-1 (fp32, ld_f(C)) by forward substitution, Tm[r][j] = -sum_{u<r} A[r][u] Tm[u][j] (r > j).
-// A column of Tm depends only on the same column of earlier rows: 4 lanes own column j = tid / 4, lane l keeps
-// rows u = l (mod 4) in registers (fully unrolled, compile-time indices), rows of A are broadcast reads.
-// Requires blockDim.x == 256. Ends with a block barrier.
-template <int KP, typename T>
-__device__ void wy_inverse(const T* Ks, const float* beta, const float* gam, float* KKE, float* Tm) {
+// Forward substitution for Tm = (I + A)^-1, A[r][u] = beta_r KKE[r][u] (u < r), from KKE = (K K^T) o E (fp32,
+// ld_f(C), read on u < r only): Tm[r][j] = -beta_r sum_{u<r} KKE[r][u] Tm[u][j] (r > j). A column of Tm depends
+// only on the same column of earlier rows: 4 lanes own column j = tid / 4, lane l keeps rows u = l (mod 4) in
+// registers, t[i] = Tm[4 i + l][j] (fully unrolled, compile-time indices); rows of KKE are broadcast reads.
+// Requires blockDim.x == 256.
+__device__ __forceinline__ void wy_substitute(const float* KKE, const float* beta, float (&t)[C / 4]) {
   constexpr int LD = tile::ld_f(C);
-  tile::gemm<C, C, KP, true, false, false>(Ks, tile::ld_h(KP), Ks, tile::ld_h(KP), KKE, LD);
-  __syncthreads();
-  for (int i = threadIdx.x; i < C * C; i += blockDim.x) {
-    const int r = i / C, u = i % C;
-    KKE[r * LD + u] = u <= r ? KKE[r * LD + u] * __expf(gam[r] - gam[u]) : 0.f;
-  }
-  __syncthreads();
   const int j = threadIdx.x / 4, l = threadIdx.x % 4;
-  float t[C / 4];  // t[i] = Tm[4 i + l][j]
 #pragma unroll
   for (int i = 0; i < C / 4; ++i) t[i] = (4 * i + l == j) ? 1.f : 0.f;
 #pragma unroll
@@ -87,9 +78,48 @@ __device__ void wy_inverse(const T* Ks, const float* beta, const float* gam, flo
     part += __shfl_xor_sync(0xffffffff, part, 2);
     if (r > j && l == r % 4) t[r / 4] = -beta[r] * part;
   }
+}
+
+// From Ks (the chunk's keys, C x KP half tile) and beta, gamma: KKE = (K K^T) o E on r >= u (fp32, ld_f(C)), and
+// Tm = (I + A)^-1 (fp32, ld_f(C)) by wy_substitute. Requires blockDim.x == 256. Ends with a block barrier.
+template <int KP, typename T>
+__device__ void wy_inverse(const T* Ks, const float* beta, const float* gam, float* KKE, float* Tm) {
+  constexpr int LD = tile::ld_f(C);
+  tile::gemm<C, C, KP, true, false, false>(Ks, tile::ld_h(KP), Ks, tile::ld_h(KP), KKE, LD);
+  __syncthreads();
+  for (int i = threadIdx.x; i < C * C; i += blockDim.x) {
+    const int r = i / C, u = i % C;
+    KKE[r * LD + u] = u <= r ? KKE[r * LD + u] * __expf(gam[r] - gam[u]) : 0.f;
+  }
+  __syncthreads();
+  float t[C / 4];
+  wy_substitute(KKE, beta, t);
+  const int j = threadIdx.x / 4, l = threadIdx.x % 4;
 #pragma unroll
   for (int i = 0; i < C / 4; ++i) Tm[(4 * i + l) * LD + j] = t[i];
   __syncthreads();
 }
+
+// Inclusive prefix sums of the chunk's C log gates (shared memory, zero past the chunk), scanned by each warp:
+// lane L keeps x = gamma(2L + 1) and b = g(2L + 1), so gamma(2L) = x - b.
+struct WarpGamma {
+  float x = 0.f, b = 0.f;
+  __device__ __forceinline__ void scan(const float* g) {
+    const int lane = threadIdx.x % 32;
+    const float a = g[2 * lane];
+    b = g[2 * lane + 1];
+    x = a + b;
+#pragma unroll
+    for (int off = 1; off < 32; off *= 2) {
+      const float y = __shfl_up_sync(0xffffffff, x, off);
+      if (lane >= off) x += y;
+    }
+  }
+  __device__ __forceinline__ float at(int r) const {  // all lanes must call
+    const float xs = __shfl_sync(0xffffffff, x, r / 2), bs = __shfl_sync(0xffffffff, b, r / 2);
+    return (r & 1) ? xs : xs - bs;
+  }
+  __device__ __forceinline__ float last() const { return __shfl_sync(0xffffffff, x, 31); }
+};
 
 }  // namespace linflow::chunk

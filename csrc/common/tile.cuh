@@ -98,11 +98,12 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-template <int ROWS, int COLS, typename T>
+// NT: the block's thread count.
+template <int ROWS, int COLS, typename T, int NT = kThreads>
 __device__ __forceinline__ void fetch_tile(T* dst, const T* src, int64_t row_stride, int rows, int cols, bool vec) {
   if (!vec) return load_tile<ROWS, COLS>(dst, src, row_stride, rows, cols, false);
   constexpr int LD = ld_h(COLS), V8 = COLS / 8;
-  for (int i = threadIdx.x; i < ROWS * V8; i += kThreads) {
+  for (int i = threadIdx.x; i < ROWS * V8; i += NT) {
     const int r = i / V8, c = (i % V8) * 8;
     const bool valid = r < rows && c < cols;
     cp_async16(dst + r * LD + c, valid ? src + r * row_stride + c : src, valid);
@@ -110,9 +111,9 @@ __device__ __forceinline__ void fetch_tile(T* dst, const T* src, int64_t row_str
 }
 
 // rows of an fp32 [*, stride] column (e.g. one head of g or beta [B,T,H]) into dst[0..C), zero past `rows`.
-template <int ROWS>
+template <int ROWS, int NT = kThreads>
 __device__ __forceinline__ void fetch_column(float* dst, const float* src, int64_t stride, int rows) {
-  for (int r = threadIdx.x; r < ROWS; r += kThreads) cp_async4(dst + r, r < rows ? src + r * stride : src, r < rows);
+  for (int r = threadIdx.x; r < ROWS; r += NT) cp_async4(dst + r, r < rows ? src + r * stride : src, r < rows);
 }
 
 // Same as load_tile, into an fp32 tile (ld = ld_f(COLS)); src of any element type.

@@ -8,17 +8,30 @@
 #include "delta_rule/kernels.cuh"
 #include "delta_rule/kernels_bwd.cuh"
 #include "delta_rule/launch.h"
+#include "delta_rule/state_mma.cuh"
 
 namespace linflow::delta_rule {
 namespace {
 
 template <typename Kernel, typename Params>
-cudaError_t launch(Kernel kernel, dim3 grid, size_t smem, const Params& p, cudaStream_t stream) {
+cudaError_t launch(Kernel kernel, dim3 grid, size_t smem, const Params& p, cudaStream_t stream,
+                   int threads = tile::kThreads) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  kernel<<<grid, tile::kThreads, smem, stream>>>(p);
+  kernel<<<grid, threads, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+// Warps per block of the register-state passes (a block owns 16 columns a warp): the widest block that still
+// gives about one block per multiprocessor; narrower blocks when (sequences x heads) is small, for parallelism.
+template <typename F>
+cudaError_t with_state_warps(int64_t V, int64_t heads_x_seqs, int sms, int max_warps, F&& f) {
+  auto enough = [&](int nw) { return (V + 16 * nw - 1) / (16 * nw) * heads_x_seqs * 4 >= 3 * int64_t(sms); };
+  if (max_warps >= 8 && enough(8)) return f(std::integral_constant<int, 8>{});
+  if (max_warps >= 4 && enough(4)) return f(std::integral_constant<int, 4>{});
+  if (enough(2)) return f(std::integral_constant<int, 2>{});
+  return f(std::integral_constant<int, 1>{});
 }
 
 template <typename F>
@@ -35,26 +48,42 @@ cudaError_t forward(FwdParams& p, int64_t slots, int64_t N, bool want_output, cu
     const unsigned nv = static_cast<unsigned>((p.V + BV - 1) / BV), H = static_cast<unsigned>(p.H);
     const unsigned ns = static_cast<unsigned>(slots);
     cudaError_t err = launch(wy_fwd_kernel<KP, T>, dim3(ns, H), WyFwdSmem<KP, T>::carve(nullptr, nullptr), p, stream);
-    if (err == cudaSuccess)
+    if (err != cudaSuccess) return err;
+    if constexpr (KP <= 128) {
+      err = with_state_warps(p.V, H * N, p.sms, 4, [&](auto nw) {
+        constexpr int NW = decltype(nw)::value;
+        const unsigned nvw = static_cast<unsigned>((p.V + 16 * NW - 1) / (16 * NW));
+        return launch(state_fwd_mma_kernel<KP, NW, T>, dim3(nvw, H, static_cast<unsigned>(N)),
+                      StateMmaSmem<KP, NW, T>::carve(nullptr, nullptr, 2, 1), p, stream, NW * 32);
+      });
+    } else {
       err = launch(state_fwd_kernel<KP, BV, T>, dim3(nv, H, static_cast<unsigned>(N)),
                    StateFwdSmem<KP, BV, T>::carve(nullptr, nullptr), p, stream);
+    }
     if (err == cudaSuccess && want_output)
-      err = launch(output_fwd_kernel<KP, BV, T>, dim3(ns, H, nv), OutputFwdSmem<KP, BV, T>::carve(nullptr, nullptr),
-                   p, stream);
+      err = launch(output_fwd_kernel<KP, T>, dim3(ns, H, static_cast<unsigned>((p.V + kOutBV - 1) / kOutBV)),
+                   OutputFwdSmem<KP, T>::carve(nullptr, nullptr), p, stream, kOutWarps * 32);
     return err;
   });
 }
 
 template <typename T>
 cudaError_t backward(BwdParams& b, int64_t slots, int64_t N, cudaStream_t stream) {
-  return with_head_tiles(b.f.K, [&](auto kp, auto bv) -> cudaError_t {
-    constexpr int KP = decltype(kp)::value, BV = decltype(bv)::value;
+  return with_head_tiles(b.f.K, [&](auto kp, auto) -> cudaError_t {
+    constexpr int KP = decltype(kp)::value;
     if constexpr (KP > 128) {
       return cudaErrorInvalidValue;  // the host side routes K > 128 to the ATen form
     } else {
-      const unsigned nv = static_cast<unsigned>((b.f.V + BV - 1) / BV), H = static_cast<unsigned>(b.f.H);
-      cudaError_t err = launch(state_bwd_kernel<KP, BV, T>, dim3(nv, H, static_cast<unsigned>(N)),
-                               StateBwdSmem<KP, BV, T>::carve(nullptr, nullptr), b, stream);
+      const unsigned H = static_cast<unsigned>(b.f.H), ns = static_cast<unsigned>(slots);
+      cudaError_t err = launch(local_dvn_kernel<KP, T>, dim3(ns, H), LocalDvnSmem<KP, T>::carve(nullptr, nullptr), b,
+                               stream);
+      if (err != cudaSuccess) return err;
+      err = with_state_warps(b.f.V, H * N, b.f.sms, 8, [&](auto nw) {
+        constexpr int NW = decltype(nw)::value;
+        const unsigned nvw = static_cast<unsigned>((b.f.V + 16 * NW - 1) / (16 * NW));
+        return launch(state_bwd_mma_kernel<KP, NW, T>, dim3(nvw, H, static_cast<unsigned>(N)),
+                      StateMmaSmem<KP, NW, T>::carve(nullptr, nullptr, 3, 2), b, stream, NW * 32);
+      });
       if (err == cudaSuccess)
         err = launch(chunk_bwd_kernel<KP, T>, dim3(static_cast<unsigned>(slots), H),
                      ChunkBwdSmem<KP, T>::carve(nullptr, nullptr), b, stream);

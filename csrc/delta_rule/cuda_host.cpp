@@ -60,8 +60,11 @@ Prepared prepare(const Shapes& s, const Tensor& q, const Tensor& k, const Tensor
   p.scale = static_cast<float>(scale);
   p.vec_k = s.K % 8 == 0 && aligned16(r.q) && aligned16(r.k);
   p.vec_v = s.V % 8 == 0 && aligned16(r.v);
+  p.sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   return r;
 }
+
+}  // namespace
 
 std::tuple<Tensor, Tensor> fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& beta,
                                     const std::optional<Tensor>& g, const std::optional<Tensor>& initial_state,
@@ -109,6 +112,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_cuda(
   Tensor dg = gated ? new_output(g->sizes(), f32) : Tensor();
   Tensor dh0 = has_h0 ? new_output(initial_state->sizes(), f32) : Tensor();
   Tensor dh = new_output(r.h.sizes(), q.options()), dvn = new_output(v.sizes(), q.options());
+  Tensor dvl = new_output(v.sizes(), q.options());
   if (s.B * s.T == 0) {
     if (has_h0) dht_f.defined() ? dh0.copy_(dht_f) : dh0.zero_();
   } else {
@@ -116,7 +120,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_cuda(
     b.f = r.p;
     b.dout = dout.data_ptr();
     b.dht = dht_f.defined() ? dht_f.data_ptr<float>() : nullptr;
-    b.dh = dh.data_ptr(); b.dvn = dvn.data_ptr();
+    b.dh = dh.data_ptr(); b.dvn = dvn.data_ptr(); b.dvl = dvl.data_ptr();
     b.dq = dq.data_ptr(); b.dk = dk.data_ptr(); b.dv = dv.data_ptr();
     b.dbeta = dbeta.data_ptr<float>();
     b.dg = gated ? dg.data_ptr<float>() : nullptr;
@@ -127,6 +131,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_cuda(
           gated ? dg.to(g->scalar_type()) : at::empty({0}, q.options()),
           has_h0 ? dh0.to(initial_state->scalar_type()) : at::empty({0}, q.options())};
 }
+
+namespace {
 
 FloatKind float_kind(const char* name, at::ScalarType t) {
   switch (t) {

@@ -28,6 +28,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& grad_o,
     const std::optional<at::Tensor>& grad_final_state, double scale, int64_t chunk_size);
 
+#ifdef LINFLOW_WITH_CUDA
+// The CUDA implementations of delta_rule_fwd / delta_rule_bwd (cuda_host.cpp): tensor-core kernels for bf16/fp16
+// at chunk 64, the ATen chunk form otherwise. The flow family runs its product form through them.
+std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                            const at::Tensor& beta, const std::optional<at::Tensor>& g,
+                                            const std::optional<at::Tensor>& initial_state,
+                                            const std::optional<at::Tensor>& cu_seqlens, double scale,
+                                            bool output_final_state, int64_t chunk_size);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta,
+    const std::optional<at::Tensor>& g, const std::optional<at::Tensor>& initial_state,
+    const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& grad_o,
+    const std::optional<at::Tensor>& grad_final_state, double scale, int64_t chunk_size);
+#endif
+
 // ---- The chunk form without argument checks, shared with the rank-R (flow) family, which runs it on its
 // interleaved length-T·R sequence (csrc/flow/). Inputs are laid out as for delta_rule_fwd/bwd.
 struct ChunkOpts {

@@ -4,10 +4,12 @@
 //   state_fwd  (v-tile, head, seq):   walks the chunks: h_c = S (stored), Vn = U - W S,
 //                                     S = e^gamma_C S + K^T diag(e^(gamma_C - gamma)) Vn        -> h, vn, ht
 //   output_fwd (slot, head, v-tile):  O = s (diag(e^gamma) Q h_c + ((Q K^T) o E) Vn)             -> o
+// (state_fwd for K <= 128 and output_fwd run on mma.sync with register accumulators: state_mma.cuh, below).
 // Only state_fwd is sequential (over chunks); the other two are parallel over every chunk of every sequence.
 #pragma once
 #include "common/chunk.cuh"
 #include "delta_rule/launch.h"
+#include "common/mma.cuh"
 #include "common/tile.cuh"
 
 namespace linflow::delta_rule {
@@ -34,26 +36,70 @@ using tile::ld_f;
 using tile::ld_h;
 
 // ---------------------------------------------------------------------------------------------------------------
+// wy_fwd on mma.sync, block = (slot, head), 8 warps. KKE = (K K^T) o E (register products, masked, to shared
+// memory), the register forward substitution writes Tm twice with its columns scaled (Tw = Tm diag(beta e^gamma),
+// Tu = Tm diag(beta)), then W = Tw K and U = Tu V: warp w computes rows 16 (w % 4).. and half of the columns
+// (w / 4), storing straight from its accumulators.
+constexpr int kWyBV = 128;  // v-tile of U
+
 template <int KP, typename T>
 struct WyFwdSmem {
-  T *Ks, *Tmh, *Vs;
-  float *KKE, *Tm, *Wf, *Uf, *beta, *gam;
+  T *Ks, *Vs, *Tw, *Tu;
+  float *KKE, *beta, *gam;
   __host__ __device__ static size_t carve(char* base, WyFwdSmem* s) {
     SmemCarver sc{base};
     WyFwdSmem t;
     t.Ks = sc.take<T>(C * ld_h(KP));
-    t.Tmh = sc.take<T>(C * ld_h(C));
-    t.Vs = sc.take<T>(C * ld_h(64));
+    t.Vs = sc.take<T>(C * ld_h(kWyBV));
+    t.Tw = sc.take<T>(C * ld_h(C));
+    t.Tu = sc.take<T>(C * ld_h(C));
     t.KKE = sc.take<float>(C * ld_f(C));
-    t.Tm = sc.take<float>(C * ld_f(C));
-    t.Wf = sc.take<float>(C * ld_f(KP));
-    t.Uf = sc.take<float>(C * ld_f(64));
     t.beta = sc.take<float>(C);
     t.gam = sc.take<float>(C);
     if (s) *s = t;
     return sc.used;
   }
 };
+
+// dst (rows r0, r0 + 8 of a C-row chunk, columns n0 + 8 j + 2t, +1) = acc, as element pairs where possible.
+template <int NJ, typename T>
+__device__ __forceinline__ void store_acc_rows(T* dst, int64_t row_stride, const float (&acc)[NJ][4], int r0, int n0,
+                                               int rows, int cols, bool pairs) {
+  const int t4 = threadIdx.x % 4;
+#pragma unroll
+  for (int j = 0; j < NJ; ++j)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = r0 + 8 * half, col = n0 + 8 * j + 2 * t4;
+      if (r >= rows || col >= cols) continue;
+      T* d = dst + r * row_stride + col;
+      if (pairs && col + 1 < cols) {
+        *reinterpret_cast<uint32_t*>(d) = mma::pack2<T>(acc[j][2 * half], acc[j][2 * half + 1]);
+      } else {
+        d[0] = tile::from_f<T>(acc[j][2 * half]);
+        if (col + 1 < cols) d[1] = tile::from_f<T>(acc[j][2 * half + 1]);
+      }
+    }
+}
+
+// acc (16 x 8 NJ) = A (16 x C, A fragments of rows m0.. of a C x C half tile) . X[:, n0 .. n0 + 8 NJ) (X: C rows).
+template <int NJ, typename T>
+__device__ __forceinline__ void gemm_rows_cc(float (&acc)[NJ][4], const T* A, int m0, const T* X, int ldx, int n0) {
+#pragma unroll
+  for (int j = 0; j < NJ; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll
+  for (int kb = 0; kb < C / 16; ++kb) {
+    uint32_t a[4];
+    mma::a_from_rows(a, A, ld_h(C), m0, 16 * kb);
+#pragma unroll
+    for (int j = 0; j < NJ; j += 2) {
+      uint32_t bx[4];
+      mma::b_from_cols(bx, X, ldx, n0 + 8 * j, 16 * kb);
+      mma::mma16816<T>(acc[j], a, bx[0], bx[1]);
+      mma::mma16816<T>(acc[j + 1], a, bx[2], bx[3]);
+    }
+  }
+}
 
 template <int KP, typename T>
 __global__ void __launch_bounds__(256) wy_fwd_kernel(FwdParams p) {
@@ -66,25 +112,77 @@ __global__ void __launch_bounds__(256) wy_fwd_kernel(FwdParams p) {
   if (!p.seq.locate(blockIdx.x, n, c, bos, len)) return;
   const int rows = static_cast<int>(len - c * C < C ? len - c * C : C);
   const int64_t tok0 = bos + c * C, H = p.H, K = p.K, V = p.V;
-  tile::load_tile<C, KP>(s.Ks, static_cast<const T*>(p.k) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g8 = lane / 4, t4 = lane % 4;
+  const int m0 = 16 * (warp % 4), r0 = m0 + g8;
+  const T* vsrc = static_cast<const T*>(p.v) + (tok0 * H + h) * V;
+  tile::fetch_tile<C, KP>(s.Ks, static_cast<const T*>(p.k) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
+  tile::fetch_tile<C, kWyBV>(s.Vs, vsrc, H * V, rows, min(kWyBV, p.V), p.vec_v && min(kWyBV, p.V) % 8 == 0);
+  tile::cp_async_commit();
   chunk::load_rows(s.beta, p.beta + tok0 * H + h, H, rows);
   chunk::load_gamma(s.gam, p.g ? p.g + tok0 * H + h : nullptr, H, rows);
+  tile::cp_async_wait<0>();
   __syncthreads();
-  chunk::wy_inverse<KP>(s.Ks, s.beta, s.gam, s.KKE, s.Tm);
-  tile::to_half_tile<C, C>(s.Tmh, s.Tm);
-  chunk::scale_rows<KP>(s.Ks, [&](int r) { return s.beta[r] * __expf(s.gam[r]); });  // Ks <- diag(beta e^gamma) K
+  {  // KKE = (K K^T) o E on u <= r: warp w, rows m0.., columns 32 (w / 4)..
+    constexpr int NJ = 4;
+    const int n0 = 32 * (warp / 4);
+    float acc[NJ][4];
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll
+    for (int kb = 0; kb < KP / 16; ++kb) {
+      uint32_t a[4];
+      mma::a_from_rows(a, s.Ks, ld_h(KP), m0, 16 * kb);
+#pragma unroll
+      for (int j = 0; j < NJ; j += 2) {
+        uint32_t bk[4];
+        mma::b_from_rows(bk, s.Ks, ld_h(KP), n0 + 8 * j, 16 * kb);
+        mma::mma16816<T>(acc[j], a, bk[0], bk[1]);
+        mma::mma16816<T>(acc[j + 1], a, bk[2], bk[3]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < NJ; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = r0 + 8 * (e >> 1), u = n0 + 8 * j + 2 * t4 + (e & 1);
+        s.KKE[r * ld_f(C) + u] = u <= r ? acc[j][e] * __expf(s.gam[r] - s.gam[u]) : 0.f;
+      }
+  }
   __syncthreads();
-  tile::gemm<C, KP, C, true, true, false>(s.Tmh, ld_h(C), s.Ks, ld_h(KP), s.Wf, ld_f(KP));
+  {
+    float t[C / 4];
+    chunk::wy_substitute(s.KKE, s.beta, t);
+    const int j = threadIdx.x / 4, l = threadIdx.x % 4;
+    const float bj = s.beta[j], bgj = bj * __expf(s.gam[j]);
+#pragma unroll
+    for (int i = 0; i < C / 4; ++i) {
+      s.Tw[(4 * i + l) * ld_h(C) + j] = tile::from_f<T>(t[i] * bgj);
+      s.Tu[(4 * i + l) * ld_h(C) + j] = tile::from_f<T>(t[i] * bj);
+    }
+  }
   __syncthreads();
-  tile::store_tile<C, KP>(static_cast<T*>(p.w) + (tok0 * H + h) * K, H * K, s.Wf, rows, p.K, p.vec_k);
-  for (int v0 = 0; v0 < p.V; v0 += 64) {
-    const int cols = min(64, p.V - v0);
-    tile::load_tile<C, 64>(s.Vs, static_cast<const T*>(p.v) + (tok0 * H + h) * V + v0, H * V, rows, cols, p.vec_v && cols % 8 == 0, s.beta);
-    __syncthreads();
-    tile::gemm<C, 64, C, true, true, false>(s.Tmh, ld_h(C), s.Vs, ld_h(64), s.Uf, ld_f(64));
-    __syncthreads();
-    tile::store_tile<C, 64>(static_cast<T*>(p.u) + (tok0 * H + h) * V + v0, H * V, s.Uf, rows, cols, p.vec_v && cols % 8 == 0);
-    __syncthreads();
+  {  // W = Tw K: rows m0.., columns (KP / 2) (w / 4)..
+    constexpr int NJ = KP / 16;
+    const int n0 = (KP / 2) * (warp / 4);
+    float acc[NJ][4];
+    gemm_rows_cc<NJ, T>(acc, s.Tw, m0, s.Ks, ld_h(KP), n0);
+    store_acc_rows<NJ, T>(static_cast<T*>(p.w) + (tok0 * H + h) * K, H * K, acc, r0, n0, rows, p.K, K % 2 == 0);
+  }
+  for (int v0 = 0; v0 < p.V; v0 += kWyBV) {  // U = Tu V: rows m0.., columns 64 (w / 4).. of the v-tile
+    const int cols = min(kWyBV, p.V - v0);
+    if (v0 > 0) {
+      __syncthreads();  // every warp is done with the previous v-tile
+      tile::fetch_tile<C, kWyBV>(s.Vs, vsrc + v0, H * V, rows, cols, p.vec_v && cols % 8 == 0);
+      tile::cp_async_commit();
+      tile::cp_async_wait<0>();
+      __syncthreads();
+    }
+    constexpr int NJ = kWyBV / 16;
+    const int n0 = (kWyBV / 2) * (warp / 4);
+    float acc[NJ][4];
+    gemm_rows_cc<NJ, T>(acc, s.Tu, m0, s.Vs, ld_h(kWyBV), n0);
+    store_acc_rows<NJ, T>(static_cast<T*>(p.u) + (tok0 * H + h) * V + v0, H * V, acc, r0, n0, rows, cols,
+                          V % 2 == 0);
   }
 }
 
@@ -171,31 +269,34 @@ __global__ void __launch_bounds__(256) state_fwd_kernel(FwdParams p) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-template <int KP, int BV, typename T>
+// O = s diag(e^gamma) Q h_c + P Vn, P = s (Q K^T o E) on u <= r, on mma.sync: block = (slot, head, 64-column
+// v-tile), 4 warps, warp w owns rows 16w..16w+15. Q's A fragments serve both Q K^T and Q h; P stays in registers
+// (its accumulator layout is the A operand of P Vn). Tiles arrive by cp.async; one block barrier.
+constexpr int kOutWarps = 4, kOutBV = 64;
+
+template <int KP, typename T>
 struct OutputFwdSmem {
-  T *Qs, *Ks, *Ph, *Hs, *Vnh;
-  float *P, *Of, *gam;
+  T *Qs, *Ks, *Hs, *Vn;
+  float* g;
   __host__ __device__ static size_t carve(char* base, OutputFwdSmem* s) {
     SmemCarver sc{base};
     OutputFwdSmem t;
     t.Qs = sc.take<T>(C * ld_h(KP));
     t.Ks = sc.take<T>(C * ld_h(KP));
-    t.Ph = sc.take<T>(C * ld_h(C));
-    t.Hs = sc.take<T>(KP * ld_h(BV));
-    t.Vnh = sc.take<T>(C * ld_h(BV));
-    t.P = sc.take<float>(C * ld_f(C));
-    t.Of = sc.take<float>(C * ld_f(BV));
-    t.gam = sc.take<float>(C);
+    t.Hs = sc.take<T>(KP * ld_h(kOutBV));
+    t.Vn = sc.take<T>(C * ld_h(kOutBV));
+    t.g = sc.take<float>(C);
     if (s) *s = t;
     return sc.used;
   }
 };
 
-template <int KP, int BV, typename T>
-__global__ void __launch_bounds__(256) output_fwd_kernel(FwdParams p) {
+template <int KP, typename T>
+__global__ void __launch_bounds__(kOutWarps * 32) output_fwd_kernel(FwdParams p) {
+  constexpr int BV = kOutBV, NT = kOutWarps * 32, NV = BV / 8, NU = C / 8;
   extern __shared__ __align__(128) char smem[];
-  OutputFwdSmem<KP, BV, T> s;
-  OutputFwdSmem<KP, BV, T>::carve(smem, &s);
+  OutputFwdSmem<KP, T> s;
+  OutputFwdSmem<KP, T>::carve(smem, &s);
   const int h = blockIdx.y, v0 = blockIdx.z * BV;
   const int cols = min(BV, p.V - v0);
   int n;
@@ -203,22 +304,99 @@ __global__ void __launch_bounds__(256) output_fwd_kernel(FwdParams p) {
   if (!p.seq.locate(blockIdx.x, n, c, bos, len)) return;
   const int rows = static_cast<int>(len - c * C < C ? len - c * C : C);
   const int64_t tok0 = bos + c * C, H = p.H, K = p.K, V = p.V, slot = blockIdx.x;
-  tile::load_tile<C, KP>(s.Qs, static_cast<const T*>(p.q) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
-  tile::load_tile<C, KP>(s.Ks, static_cast<const T*>(p.k) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
-  tile::load_tile<KP, BV>(s.Hs, static_cast<const T*>(p.h) + (slot * H + h) * K * V + v0, V, p.K, cols, p.vec_v && cols % 8 == 0);
-  tile::load_tile<C, BV>(s.Vnh, static_cast<const T*>(p.vn) + (tok0 * H + h) * V + v0, H * V, rows, cols, p.vec_v && cols % 8 == 0);
-  chunk::load_gamma(s.gam, p.g ? p.g + tok0 * H + h : nullptr, H, rows);
+  const bool vec_v = p.vec_v && cols % 8 == 0;
+  tile::fetch_tile<C, KP, T, NT>(s.Qs, static_cast<const T*>(p.q) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
+  tile::fetch_tile<C, KP, T, NT>(s.Ks, static_cast<const T*>(p.k) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
+  tile::fetch_tile<KP, BV, T, NT>(s.Hs, static_cast<const T*>(p.h) + (slot * H + h) * K * V + v0, V, p.K, cols, vec_v);
+  tile::fetch_tile<C, BV, T, NT>(s.Vn, static_cast<const T*>(p.vn) + (tok0 * H + h) * V + v0, H * V, rows, cols, vec_v);
+  if (p.g) tile::fetch_column<C, NT>(s.g, p.g + tok0 * H + h, H, rows);
+  tile::cp_async_commit();
+  tile::cp_async_wait<0>();
   __syncthreads();
-  tile::gemm<C, C, KP, true, false, false>(s.Qs, ld_h(KP), s.Ks, ld_h(KP), s.P, ld_f(C));  // Q K^T
-  __syncthreads();
-  chunk::causal_decayed_scores(s.Ph, s.P, s.gam, p.scale);
-  chunk::scale_rows<KP>(s.Qs, [&](int r) { return p.scale * __expf(s.gam[r]); });  // Qs <- s diag(e^gamma) Q
-  __syncthreads();
-  tile::gemm<C, BV, KP, true, true, false>(s.Qs, ld_h(KP), s.Hs, ld_h(BV), s.Of, ld_f(BV));
-  __syncthreads();
-  tile::gemm<C, BV, C, true, true, true>(s.Ph, ld_h(C), s.Vnh, ld_h(BV), s.Of, ld_f(BV));
-  __syncthreads();
-  tile::store_tile<C, BV>(static_cast<T*>(p.o) + (tok0 * H + h) * V + v0, H * V, s.Of, rows, cols, p.vec_v && cols % 8 == 0);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g8 = lane / 4, t4 = lane % 4;
+  const int m0 = 16 * warp, r0 = m0 + g8, r1 = r0 + 8;
+  float gr[2] = {0.f, 0.f}, gu[NU][2];  // gamma at this thread's rows and at its columns u = 8 j + 2 t + e
+  if (p.g) {
+    chunk::WarpGamma gm;
+    gm.scan(s.g);
+    gr[0] = gm.at(r0);
+    gr[1] = gm.at(r1);
+#pragma unroll
+    for (int j = 0; j < NU; ++j) {
+      gu[j][0] = gm.at(8 * j + 2 * t4);
+      gu[j][1] = gm.at(8 * j + 2 * t4 + 1);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < NU; ++j) gu[j][0] = gu[j][1] = 0.f;
+  }
+  uint32_t qa[KP / 16][4];
+#pragma unroll
+  for (int kb = 0; kb < KP / 16; ++kb) mma::a_from_rows(qa[kb], s.Qs, ld_h(KP), m0, 16 * kb);
+  float O[NV][4];
+#pragma unroll
+  for (int j = 0; j < NV; ++j) O[j][0] = O[j][1] = O[j][2] = O[j][3] = 0.f;
+#pragma unroll
+  for (int jv = 0; jv < NV; jv += 2)  // O = Q h
+#pragma unroll
+    for (int kb = 0; kb < KP / 16; ++kb) {
+      uint32_t bh[4];
+      mma::b_from_cols(bh, s.Hs, ld_h(BV), 8 * jv, 16 * kb);
+      mma::mma16816<T>(O[jv], qa[kb], bh[0], bh[1]);
+      mma::mma16816<T>(O[jv + 1], qa[kb], bh[2], bh[3]);
+    }
+  const float sr[2] = {p.scale * __expf(gr[0]), p.scale * __expf(gr[1])};
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {  // O = s diag(e^gamma) Q h
+    O[j][0] *= sr[0]; O[j][1] *= sr[0]; O[j][2] *= sr[1]; O[j][3] *= sr[1];
+  }
+  float P[NU][4];
+#pragma unroll
+  for (int j = 0; j < NU; ++j) P[j][0] = P[j][1] = P[j][2] = P[j][3] = 0.f;
+#pragma unroll
+  for (int ju = 0; ju < NU; ju += 2)  // P = Q K^T
+#pragma unroll
+    for (int kb = 0; kb < KP / 16; ++kb) {
+      uint32_t bk[4];
+      mma::b_from_rows(bk, s.Ks, ld_h(KP), 8 * ju, 16 * kb);
+      mma::mma16816<T>(P[ju], qa[kb], bk[0], bk[1]);
+      mma::mma16816<T>(P[ju + 1], qa[kb], bk[2], bk[3]);
+    }
+#pragma unroll
+  for (int j = 0; j < NU; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {  // P = s (Q K^T) e^(gamma_r - gamma_u) on u <= r
+      const int r = e < 2 ? r0 : r1, u = 8 * j + 2 * t4 + (e & 1);
+      P[j][e] = u <= r ? p.scale * P[j][e] * __expf(gr[e >> 1] - gu[j][e & 1]) : 0.f;
+    }
+#pragma unroll
+  for (int ub = 0; ub < C / 16; ++ub) {  // O += P Vn
+    uint32_t pa[4];
+    mma::acc_to_a<T>(pa, P, ub);
+#pragma unroll
+    for (int jv = 0; jv < NV; jv += 2) {
+      uint32_t bv[4];
+      mma::b_from_cols(bv, s.Vn, ld_h(BV), 8 * jv, 16 * ub);
+      mma::mma16816<T>(O[jv], pa, bv[0], bv[1]);
+      mma::mma16816<T>(O[jv + 1], pa, bv[2], bv[3]);
+    }
+  }
+  T* o = static_cast<T*>(p.o) + (tok0 * H + h) * V + v0;
+  const bool pairs = V % 2 == 0;
+#pragma unroll
+  for (int j = 0; j < NV; ++j)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = half ? r1 : r0, col = 8 * j + 2 * t4;
+      if (r >= rows || col >= cols) continue;
+      T* dst = o + static_cast<int64_t>(r) * H * V + col;
+      if (pairs && col + 1 < cols) {
+        *reinterpret_cast<uint32_t*>(dst) = mma::pack2<T>(O[j][2 * half], O[j][2 * half + 1]);
+      } else {
+        dst[0] = tile::from_f<T>(O[j][2 * half]);
+        if (col + 1 < cols) dst[1] = tile::from_f<T>(O[j][2 * half + 1]);
+      }
+    }
 }
 
 }  // namespace linflow::delta_rule

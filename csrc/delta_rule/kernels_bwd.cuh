@@ -1,6 +1,6 @@
 // Delta rule backward kernels (ALGORITHMS.md §1). After recomputing w, u (wy_fwd) and the chunk-start states h
 // and new values vn (state_fwd), with dO' = s dO, P = s (Q K^T o E), Qg = s diag(e^gamma) Q, Kd = diag(e^(gamma_C-gamma)) K:
-//   state_bwd (v-tile, head, seq), chunks in reverse:  dh_c = dS (gradient at the chunk's end, stored),
+//   local_dvn + state_bwd_mma (state_mma.cuh), chunks in reverse:  dh_c = dS (gradient at the chunk's end),
 //       dVn = P^T dO + Kd dS,  dS <- e^gamma_C dS + Qg^T dO - W^T dVn                    -> dh, dvn, dh0
 //   chunk_bwd (slot, head), loop over v-tiles:  dVb = Tm^T dVn, dv = beta dVb,
 //       dZ = dO' Vn^T, dA = -dVb Vn^T (= -(dVb U^T + dKb W^T), since W h = U - Vn),
@@ -11,78 +11,6 @@
 
 namespace linflow::delta_rule {
 
-
-// ---------------------------------------------------------------------------------------------------------------
-template <int KP, int BV, typename T>
-struct StateBwdSmem {
-  T *Qs, *Ks, *Wn, *dO, *dSh, *Ph, *dvnh;
-  float *dS, *P, *dvnf, *gam, *kd;
-  __host__ __device__ static size_t carve(char* base, StateBwdSmem* s) {
-    SmemCarver sc{base};
-    StateBwdSmem t;
-    t.Qs = sc.take<T>(C * ld_h(KP));
-    t.Ks = sc.take<T>(C * ld_h(KP));
-    t.Wn = sc.take<T>(C * ld_h(KP));
-    t.dO = sc.take<T>(C * ld_h(BV));
-    t.dSh = sc.take<T>(KP * ld_h(BV));
-    t.Ph = sc.take<T>(C * ld_h(C));
-    t.dvnh = sc.take<T>(C * ld_h(BV));
-    t.dS = sc.take<float>(KP * ld_f(BV));
-    t.P = sc.take<float>(C * ld_f(C));
-    t.dvnf = sc.take<float>(C * ld_f(BV));
-    t.gam = sc.take<float>(C);
-    t.kd = sc.take<float>(C);
-    if (s) *s = t;
-    return sc.used;
-  }
-};
-
-template <int KP, int BV, typename T>
-__global__ void __launch_bounds__(256) state_bwd_kernel(BwdParams b) {
-  extern __shared__ __align__(128) char smem[];
-  const FwdParams& p = b.f;
-  StateBwdSmem<KP, BV, T> s;
-  StateBwdSmem<KP, BV, T>::carve(smem, &s);
-  const int v0 = blockIdx.x * BV, h = blockIdx.y, n = blockIdx.z;
-  const int cols = min(BV, p.V - v0);
-  const int64_t H = p.H, K = p.K, V = p.V;
-  const bool vec_v = p.vec_v && cols % 8 == 0;
-  int64_t bos, len;
-  p.seq.seq(n, bos, len);
-  const int64_t slot0 = p.seq.first_slot(n, bos), nc = (len + C - 1) / C;
-  tile::load_tile_f<KP, BV>(s.dS, b.dht ? b.dht + (n * H + h) * K * V + v0 : b.dht, V, b.dht ? p.K : 0, cols);
-  for (int64_t c = nc - 1; c >= 0; --c) {
-    const int rows = static_cast<int>(len - c * C < C ? len - c * C : C);
-    const int64_t tok0 = bos + c * C;
-    __syncthreads();  // dS of the chunk's end is final
-    tile::to_half_tile<KP, BV>(s.dSh, s.dS);
-    tile::store_tile<KP, BV>(static_cast<T*>(b.dh) + ((slot0 + c) * H + h) * K * V + v0, V, s.dS, p.K, cols, vec_v);
-    tile::load_tile<C, KP>(s.Qs, static_cast<const T*>(p.q) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
-    tile::load_tile<C, KP>(s.Ks, static_cast<const T*>(p.k) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
-    tile::load_tile<C, KP>(s.Wn, static_cast<const T*>(p.w) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k, nullptr, true);
-    tile::load_tile<C, BV>(s.dO, static_cast<const T*>(b.dout) + (tok0 * H + h) * V + v0, H * V, rows, cols, vec_v);
-    chunk::load_gamma(s.gam, p.g ? p.g + tok0 * H + h : nullptr, H, rows);
-    __syncthreads();
-    if (threadIdx.x < C) s.kd[threadIdx.x] = __expf(s.gam[C - 1] - s.gam[threadIdx.x]);
-    tile::gemm<C, C, KP, true, false, false>(s.Qs, ld_h(KP), s.Ks, ld_h(KP), s.P, ld_f(C));  // Q K^T
-    __syncthreads();
-    chunk::causal_decayed_scores(s.Ph, s.P, s.gam, p.scale);
-    chunk::scale_rows<KP>(s.Qs, [&](int r) { return p.scale * __expf(s.gam[r]); });  // Qs <- Qg
-    chunk::scale_rows<KP>(s.Ks, [&](int r) { return s.kd[r]; });                      // Ks <- Kd
-    __syncthreads();
-    tile::gemm<C, BV, C, false, true, false>(s.Ph, ld_h(C), s.dO, ld_h(BV), s.dvnf, ld_f(BV));        // P^T dO
-    tile::gemm<C, BV, KP, true, true, true>(s.Ks, ld_h(KP), s.dSh, ld_h(BV), s.dvnf, ld_f(BV));       // + Kd dS
-    __syncthreads();
-    tile::store_tile<C, BV>(static_cast<T*>(b.dvn) + (tok0 * H + h) * V + v0, H * V, s.dvnf, rows, cols, vec_v);
-    tile::to_half_tile<C, BV>(s.dvnh, s.dvnf);
-    tile::gemm<KP, BV, C, false, true, true>(s.Qs, ld_h(KP), s.dO, ld_h(BV), s.dS, ld_f(BV),
-                                             __expf(s.gam[C - 1]));                                  // e^gC dS + Qg^T dO
-    __syncthreads();
-    tile::gemm<KP, BV, C, false, true, true>(s.Wn, ld_h(KP), s.dvnh, ld_h(BV), s.dS, ld_f(BV));      // - W^T dVn
-  }
-  __syncthreads();
-  if (b.dh0) tile::store_tile<KP, BV>(b.dh0 + (n * H + h) * K * V + v0, V, s.dS, p.K, cols);
-}
 
 // ---------------------------------------------------------------------------------------------------------------
 constexpr int kBwdBV = 32;

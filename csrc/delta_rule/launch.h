@@ -23,13 +23,14 @@ struct FwdParams {
   int H, K, V;
   float scale;
   bool vec_k, vec_v;           // 16-byte loads allowed along K / V
+  int sms;                     // multiprocessors of the device (sizes the sequential passes' blocks)
 };
 
 struct BwdParams {
   FwdParams f;                 // inputs, w/u/vn/h recomputed by the forward kernels
   const void* dout;            // [B,T,H,V]
   const float* dht;            // [N,H,K,V] fp32 or null
-  void *dh, *dvn;              // workspaces: [slots,H,K,V], [B,T,H,V]
+  void *dh, *dvn, *dvl;        // workspaces: [slots,H,K,V], [B,T,H,V], [B,T,H,V] (P^T dO)
   void *dq, *dk, *dv;          // [B,T,H,K|V]
   float *dbeta, *dg, *dh0;     // [B,T,H] fp32, [B,T,H] fp32 (or null), [N,H,K,V] fp32 (or null)
 };

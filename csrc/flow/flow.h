@@ -7,6 +7,8 @@
 #include <string>
 #include <tuple>
 
+#include "delta_rule/delta_rule.h"
+
 namespace linflow::flow {
 
 struct Shapes {
@@ -35,6 +37,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& g, const std::optional<at::Tensor>& initial_state,
     const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& grad_o,
     const std::optional<at::Tensor>& grad_final_state, double scale, c10::string_view form, c10::string_view scan);
+
+// ---- The rank-R problem as a rank-1 delta rule on the interleaved length-T·R sequence (see flow_aten.cpp).
+struct Interleaved {
+  at::Tensor q, k, v, beta;
+  std::optional<at::Tensor> g, cu;
+};
+Interleaved interleave(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta,
+                       const std::optional<at::Tensor>& g, const std::optional<at::Tensor>& cu_seqlens, int64_t R);
+// [B, T, ...] placed on sub-step j of each token of [B, T·R, ...] (zeros elsewhere), and the inverse.
+at::Tensor on_substep(const at::Tensor& x, int64_t R, int64_t j);
+at::Tensor take_substep(const at::Tensor& x, int64_t R, int64_t j);
+// The delta rule's gradients of the interleaved problem -> gradients of (q, k, v, beta, g, initial_state).
+delta_rule::Grads deinterleave_grads(delta_rule::Grads grads, const at::Tensor& k, const at::Tensor& v,
+                                     const at::Tensor& beta, const std::optional<at::Tensor>& g, int64_t R);
 
 // Per-segment affine state maps (P, Q) (composite of differentiable ATen ops: autograd comes for free).
 std::tuple<at::Tensor, at::Tensor> transition(const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta,

@@ -57,8 +57,6 @@ Shapes check_args(const char* op, const Tensor* q, const Tensor& k, const Tensor
   return {B, T, R, H, K, V, N};
 }
 
-namespace {
-
 // [B, T, ...] placed on sub-step `j` of each token of the interleaved [B, T·R, ...] sequence, zeros elsewhere.
 Tensor on_substep(const Tensor& x, int64_t R, int64_t j) {
   if (R == 1) return x;
@@ -79,6 +77,8 @@ Tensor take_substep(const Tensor& x, int64_t R, int64_t j) {
   view.insert(view.begin() + 2, R);
   return x.view(view).select(2, j).contiguous();
 }
+
+namespace {
 
 // [B, T, R, ...] -> [B, T·R, ...]
 Tensor merge_rank(const Tensor& x) {
@@ -104,6 +104,12 @@ delta_rule::ChunkOpts chunk_opts(int64_t R, Form form, bool scan) {
 
 }  // namespace
 
+Interleaved interleave(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& beta,
+                       const std::optional<Tensor>& g, const std::optional<Tensor>& cu_seqlens, int64_t R) {
+  return {on_substep(q, R, R - 1), merge_rank(k), merge_rank(v), merge_rank(beta), gate_interleaved(g, R),
+          cu_interleaved(cu_seqlens, R)};
+}
+
 std::tuple<Tensor, Tensor> fwd_aten(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& beta,
                                     const std::optional<Tensor>& g, const std::optional<Tensor>& initial_state,
                                     const std::optional<Tensor>& cu_seqlens, double scale, bool output_final_state,
@@ -113,9 +119,9 @@ std::tuple<Tensor, Tensor> fwd_aten(const Tensor& q, const Tensor& k, const Tens
   const bool par = parse_scan(op, std::string(scan));
   const Shapes s = check_args(op, &q, k, v, beta, g, initial_state, cu_seqlens);
   const int64_t R = s.R;
-  auto [o, ht] = delta_rule::fwd_chunked(on_substep(q, R, R - 1), merge_rank(k), merge_rank(v), merge_rank(beta),
-                                         gate_interleaved(g, R), initial_state, cu_interleaved(cu_seqlens, R), scale,
-                                         output_final_state, chunk_opts(R, fm, par));
+  const Interleaved x = interleave(q, k, v, beta, g, cu_seqlens, R);
+  auto [o, ht] = delta_rule::fwd_chunked(x.q, x.k, x.v, x.beta, x.g, initial_state, x.cu, scale, output_final_state,
+                                         chunk_opts(R, fm, par));
   return {take_substep(o, R, R - 1), ht};
 }
 
@@ -132,9 +138,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_aten(
   if (dht.has_value() && dht->defined() && dht->numel() == 0) dht.reset();
   check_optional_float_tensor(op, "grad_final_state", dht, {s.N, s.H, s.K, s.V}, q.device());
   const int64_t R = s.R;
-  auto [dq, dk, dv, dbeta, dg, dh0] = delta_rule::bwd_chunked(
-      on_substep(q, R, R - 1), merge_rank(k), merge_rank(v), merge_rank(beta), gate_interleaved(g, R), initial_state,
-      cu_interleaved(cu_seqlens, R), on_substep(grad_o, R, R - 1), dht, scale, chunk_opts(R, fm, par));
+  const Interleaved x = interleave(q, k, v, beta, g, cu_seqlens, R);
+  return deinterleave_grads(delta_rule::bwd_chunked(x.q, x.k, x.v, x.beta, x.g, initial_state, x.cu,
+                                                    on_substep(grad_o, R, R - 1), dht, scale, chunk_opts(R, fm, par)),
+                            k, v, beta, g, R);
+}
+
+delta_rule::Grads deinterleave_grads(delta_rule::Grads grads, const Tensor& k, const Tensor& v, const Tensor& beta,
+                                     const std::optional<Tensor>& g, int64_t R) {
+  auto& [dq, dk, dv, dbeta, dg, dh0] = grads;
   const bool gated = g.has_value() && g->defined();
   return {take_substep(dq, R, R - 1), dk.view(k.sizes()), dv.view(v.sizes()), dbeta.view(beta.sizes()),
           gated ? take_substep(dg, R, 0) : dg, dh0};

@@ -1,0 +1,310 @@
+// The two sequential chunk passes of the delta rule on mma.sync, with the state held in registers (K <= 128).
+// A block owns one (16 NW)-column slice of the K x V state of one (sequence, head); warp w owns 16 of its columns
+// and keeps them transposed, S^T (16 x KP, fp32 accumulators), for the whole sequence. Every product of a chunk
+// step is a warp-local register GEMM against tiles in shared memory (ALGORITHMS.md §1, names as in kernels.cuh):
+//   forward,  chunk c:   h_c = S;  Vn^T = U^T - S^T W^T;  S^T = e^gC S^T + (Vn^T diag(kd)) K
+//   backward, chunk c:   dh_c = dS;  dVn^T = (P^T dO)^T + diag-scaled (dS^T K^T);
+//                        dS^T = e^gC dS^T + dO^T Qg - dVn^T W
+// (kd = e^(gC - gamma), Qg = s diag(e^gamma) Q). The accumulator layout of S^T / Vn^T is the A-operand layout
+// of the next product, so nothing but the chunk's input tiles goes through shared memory: one block barrier per
+// chunk, while the next chunk's tiles stream in (cp.async, two stages). Each warp scans the chunk's gates itself.
+// P^T dO (state-independent) comes from local_dvn_kernel, chunk-parallel, before the backward pass.
+#pragma once
+#include "common/mma.cuh"
+#include "delta_rule/kernels.cuh"
+
+namespace linflow::delta_rule {
+
+// Per-thread gate factors at the rows r = 8 j + 2 t + e that index its accumulator columns:
+// kd[j][e] = e^(gC - gamma_r), eg[j][e] = e^gamma_r, and eC = e^gC.
+struct RowGates {
+  float kd[C / 8][2], eg[C / 8][2], eC = 1.f;
+  __device__ __forceinline__ void load(const float* g) {
+    const int t4 = threadIdx.x % 4;
+    if (g == nullptr) {
+#pragma unroll
+      for (int j = 0; j < C / 8; ++j) kd[j][0] = kd[j][1] = eg[j][0] = eg[j][1] = 1.f;
+      eC = 1.f;
+      return;
+    }
+    chunk::WarpGamma gm;
+    gm.scan(g);
+    const float gC = gm.last();
+    eC = __expf(gC);
+#pragma unroll
+    for (int j = 0; j < C / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float gr = gm.at(8 * j + 2 * t4 + e);
+        kd[j][e] = __expf(gC - gr);
+        eg[j][e] = __expf(gr);
+      }
+  }
+};
+
+template <int KP, int NW, typename T>
+struct StateMmaSmem {  // per stage: X0, X1, X2 (C x KP: W, K [, Q]) and Y0, Y1 (C x 16 NW: U [, or dO, P^T dO]), g
+  T *X[3][2], *Y[2][2];
+  float* g[2];
+  __host__ __device__ static size_t carve(char* base, StateMmaSmem* s, int nx, int ny) {
+    SmemCarver sc{base};
+    StateMmaSmem t{};
+    for (int b = 0; b < 2; ++b) {
+      for (int i = 0; i < nx; ++i) t.X[i][b] = sc.take<T>(C * ld_h(KP));
+      for (int i = 0; i < ny; ++i) t.Y[i][b] = sc.take<T>(C * ld_h(16 * NW));
+      t.g[b] = sc.take<float>(C);
+    }
+    if (s) *s = t;
+    return sc.used;
+  }
+};
+
+// S (accumulators of S^T, rows v = va / vb, cols k = 8 j + 2 t + e) <-> a K x V fp32 state in global memory.
+template <int NK>
+__device__ __forceinline__ void load_state(float (&S)[NK][4], const float* src, int K, int V, int va, int vb) {
+  const int t4 = threadIdx.x % 4;
+#pragma unroll
+  for (int j = 0; j < NK; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int k = 8 * j + 2 * t4 + (e & 1), v = e < 2 ? va : vb;
+      S[j][e] = (src && k < K && v < V) ? src[static_cast<int64_t>(k) * V + v] : 0.f;
+    }
+}
+template <int NK, typename D>
+__device__ __forceinline__ void store_state(D* dst, const float (&S)[NK][4], int K, int V, int va, int vb) {
+  const int t4 = threadIdx.x % 4;
+#pragma unroll
+  for (int j = 0; j < NK; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int k = 8 * j + 2 * t4 + (e & 1), v = e < 2 ? va : vb;
+      if (k < K && v < V) dst[static_cast<int64_t>(k) * V + v] = tile::from_f<D>(S[j][e]);
+    }
+}
+
+// acc (16 v x KP k) += A (16 v x C r) . X (C x KP, row-major in shared memory): B fragments of X's columns.
+template <int KP, typename T>
+__device__ __forceinline__ void gemm_acc_cols(float (&acc)[KP / 8][4], const uint32_t (&a)[4], const T* X, int rb) {
+#pragma unroll
+  for (int jk = 0; jk < KP / 8; jk += 2) {
+    uint32_t bx[4];
+    mma::b_from_cols(bx, X, ld_h(KP), 8 * jk, 16 * rb);
+    mma::mma16816<T>(acc[jk], a, bx[0], bx[1]);
+    mma::mma16816<T>(acc[jk + 1], a, bx[2], bx[3]);
+  }
+}
+
+// out (16 v x C r) = S^T (A fragments sa) . X^T, X (C x KP) row-major in shared memory.
+template <int KP, typename T>
+__device__ __forceinline__ void gemm_state_rows(float (&out)[C / 8][4], const uint32_t (&sa)[KP / 16][4], const T* X) {
+#pragma unroll
+  for (int j = 0; j < C / 8; ++j) out[j][0] = out[j][1] = out[j][2] = out[j][3] = 0.f;
+#pragma unroll
+  for (int jr = 0; jr < C / 8; jr += 2)
+#pragma unroll
+    for (int kb = 0; kb < KP / 16; ++kb) {
+      uint32_t bx[4];
+      mma::b_from_rows(bx, X, ld_h(KP), 8 * jr, 16 * kb);
+      mma::mma16816<T>(out[jr], sa[kb], bx[0], bx[1]);
+      mma::mma16816<T>(out[jr + 1], sa[kb], bx[2], bx[3]);
+    }
+}
+
+template <int KP, int NW, typename T>
+__global__ void __launch_bounds__(NW * 32) state_fwd_mma_kernel(FwdParams p) {
+  constexpr int BV = 16 * NW, NT = NW * 32, NK = KP / 8, NR = C / 8;
+  extern __shared__ __align__(128) char smem[];
+  StateMmaSmem<KP, NW, T> s;
+  StateMmaSmem<KP, NW, T>::carve(smem, &s, 2, 1);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g8 = lane / 4, t4 = lane % 4;
+  const int v0 = blockIdx.x * BV, h = blockIdx.y, n = blockIdx.z;
+  const int cols = min(BV, p.V - v0);
+  const int64_t H = p.H, K = p.K, V = p.V;
+  int64_t bos, len;
+  p.seq.seq(n, bos, len);
+  const int64_t slot0 = p.seq.first_slot(n, bos), nc = (len + C - 1) / C;
+  const bool vec_v = p.vec_v && cols % 8 == 0;
+  const int ua = 16 * warp + g8, ub = ua + 8;  // this thread's columns, local to the block tile
+  auto prefetch = [&](int64_t c) {
+    const int b = c & 1, rows = static_cast<int>(len - c * C < C ? len - c * C : C);
+    const int64_t tok0 = bos + c * C;
+    tile::fetch_tile<C, KP, T, NT>(s.X[0][b], static_cast<const T*>(p.w) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
+    tile::fetch_tile<C, KP, T, NT>(s.X[1][b], static_cast<const T*>(p.k) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
+    tile::fetch_tile<C, BV, T, NT>(s.Y[0][b], static_cast<const T*>(p.u) + (tok0 * H + h) * V + v0, H * V, rows, cols, vec_v);
+    if (p.g) tile::fetch_column<C, NT>(s.g[b], p.g + tok0 * H + h, H, rows);
+    tile::cp_async_commit();
+  };
+  float S[NK][4];
+  load_state(S, p.h0 ? p.h0 + (n * H + h) * K * V : nullptr, p.K, p.V, v0 + ua, v0 + ub);
+  if (nc > 0) prefetch(0);
+  for (int64_t c = 0; c < nc; ++c) {
+    const int b = c & 1, rows = static_cast<int>(len - c * C < C ? len - c * C : C);
+    const int64_t tok0 = bos + c * C;
+    tile::cp_async_wait<0>();
+    __syncthreads();  // chunk c's tiles landed; every warp is done with chunk c - 1's buffer
+    if (c + 1 < nc) prefetch(c + 1);
+    const T *W = b ? s.X[0][1] : s.X[0][0], *Kt = b ? s.X[1][1] : s.X[1][0], *U = b ? s.Y[0][1] : s.Y[0][0];
+    RowGates gt;
+    gt.load(p.g ? (b ? s.g[1] : s.g[0]) : nullptr);
+    store_state(static_cast<T*>(p.h) + ((slot0 + c) * H + h) * K * V, S, p.K, p.V, v0 + ua, v0 + ub);  // h_c
+    uint32_t sa[KP / 16][4];
+#pragma unroll
+    for (int kb = 0; kb < KP / 16; ++kb) mma::acc_to_a<T>(sa[kb], S, kb);
+    float X[NR][4];
+    gemm_state_rows<KP, T>(X, sa, W);  // S^T W^T
+    T* vn = static_cast<T*>(p.vn) + (tok0 * H + h) * V + v0;
+#pragma unroll
+    for (int j = 0; j < NR; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {  // Vn^T = U^T - S^T W^T
+        const int r = 8 * j + 2 * t4 + (e & 1), u = e < 2 ? ua : ub;
+        X[j][e] = tile::to_f(U[r * ld_h(BV) + u]) - X[j][e];
+        if (r < rows && u < cols) vn[r * H * V + u] = tile::from_f<T>(X[j][e]);
+      }
+#pragma unroll
+    for (int j = 0; j < NK; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) S[j][e] *= gt.eC;
+#pragma unroll
+    for (int rb = 0; rb < C / 16; ++rb) {  // S^T += (Vn^T diag(kd)) K
+      uint32_t a[4];
+      mma::acc_to_a_scaled<T>(a, X, gt.kd, rb);
+      gemm_acc_cols<KP, T>(S, a, Kt, rb);
+    }
+  }
+  if (p.ht) store_state(p.ht + (n * H + h) * K * V, S, p.K, p.V, v0 + ua, v0 + ub);
+}
+
+template <int KP, int NW, typename T>
+__global__ void __launch_bounds__(NW * 32) state_bwd_mma_kernel(BwdParams bp) {
+  constexpr int BV = 16 * NW, NT = NW * 32, NK = KP / 8, NR = C / 8;
+  extern __shared__ __align__(128) char smem[];
+  const FwdParams& p = bp.f;
+  StateMmaSmem<KP, NW, T> s;
+  StateMmaSmem<KP, NW, T>::carve(smem, &s, 3, 2);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g8 = lane / 4, t4 = lane % 4;
+  const int v0 = blockIdx.x * BV, h = blockIdx.y, n = blockIdx.z;
+  const int cols = min(BV, p.V - v0);
+  const int64_t H = p.H, K = p.K, V = p.V;
+  int64_t bos, len;
+  p.seq.seq(n, bos, len);
+  const int64_t slot0 = p.seq.first_slot(n, bos), nc = (len + C - 1) / C;
+  const bool vec_v = p.vec_v && cols % 8 == 0;
+  const int ua = 16 * warp + g8, ub = ua + 8;
+  auto prefetch = [&](int64_t c) {
+    const int b = c & 1, rows = static_cast<int>(len - c * C < C ? len - c * C : C);
+    const int64_t tok0 = bos + c * C;
+    tile::fetch_tile<C, KP, T, NT>(s.X[0][b], static_cast<const T*>(p.w) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
+    tile::fetch_tile<C, KP, T, NT>(s.X[1][b], static_cast<const T*>(p.k) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
+    tile::fetch_tile<C, KP, T, NT>(s.X[2][b], static_cast<const T*>(p.q) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
+    tile::fetch_tile<C, BV, T, NT>(s.Y[0][b], static_cast<const T*>(bp.dout) + (tok0 * H + h) * V + v0, H * V, rows, cols, vec_v);
+    tile::fetch_tile<C, BV, T, NT>(s.Y[1][b], static_cast<const T*>(bp.dvl) + (tok0 * H + h) * V + v0, H * V, rows, cols, vec_v);
+    if (p.g) tile::fetch_column<C, NT>(s.g[b], p.g + tok0 * H + h, H, rows);
+    tile::cp_async_commit();
+  };
+  float dS[NK][4];
+  load_state(dS, bp.dht ? bp.dht + (n * H + h) * K * V : nullptr, p.K, p.V, v0 + ua, v0 + ub);
+  if (nc > 0) prefetch(nc - 1);
+  for (int64_t c = nc - 1; c >= 0; --c) {
+    const int b = c & 1, rows = static_cast<int>(len - c * C < C ? len - c * C : C);
+    const int64_t tok0 = bos + c * C;
+    tile::cp_async_wait<0>();
+    __syncthreads();
+    if (c > 0) prefetch(c - 1);
+    const T *W = b ? s.X[0][1] : s.X[0][0], *Kt = b ? s.X[1][1] : s.X[1][0], *Q = b ? s.X[2][1] : s.X[2][0];
+    const T *dO = b ? s.Y[0][1] : s.Y[0][0], *dvl = b ? s.Y[1][1] : s.Y[1][0];
+    RowGates gt;
+    gt.load(p.g ? (b ? s.g[1] : s.g[0]) : nullptr);
+    store_state(static_cast<T*>(bp.dh) + ((slot0 + c) * H + h) * K * V, dS, p.K, p.V, v0 + ua, v0 + ub);  // dh_c
+    uint32_t sa[KP / 16][4];
+#pragma unroll
+    for (int kb = 0; kb < KP / 16; ++kb) mma::acc_to_a<T>(sa[kb], dS, kb);
+    float Y[NR][4];
+    gemm_state_rows<KP, T>(Y, sa, Kt);  // dS^T K^T
+    T* dvn = static_cast<T*>(bp.dvn) + (tok0 * H + h) * V + v0;
+#pragma unroll
+    for (int j = 0; j < NR; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {  // dVn^T = (P^T dO)^T + dS^T Kd^T
+        const int r = 8 * j + 2 * t4 + (e & 1), u = e < 2 ? ua : ub;
+        Y[j][e] = tile::to_f(dvl[r * ld_h(BV) + u]) + gt.kd[j][e & 1] * Y[j][e];
+        if (r < rows && u < cols) dvn[r * H * V + u] = tile::from_f<T>(Y[j][e]);
+      }
+#pragma unroll
+    for (int j = 0; j < NK; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dS[j][e] *= gt.eC;
+#pragma unroll
+    for (int rb = 0; rb < C / 16; ++rb) {  // dS^T += dO^T Qg - dVn^T W
+      uint32_t a[4];
+      mma::a_from_cols(a, dO, ld_h(BV), 16 * warp, 16 * rb);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // columns r = 16 rb + 8 (i / 2) + 2 t (+1): scale by s e^gamma_r
+        const float2 f = mma::unpack2<T>(a[i]);
+        const int j = 2 * rb + i / 2;
+        a[i] = mma::pack2<T>(f.x * p.scale * gt.eg[j][0], f.y * p.scale * gt.eg[j][1]);
+      }
+      gemm_acc_cols<KP, T>(dS, a, Q, rb);
+      uint32_t an[4];
+      mma::acc_to_a<T>(an, Y, rb);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) an[i] ^= 0x80008000u;  // negate both 16-bit halves
+      gemm_acc_cols<KP, T>(dS, an, W, rb);
+    }
+  }
+  if (bp.dh0) store_state(bp.dh0 + (n * H + h) * K * V, dS, p.K, p.V, v0 + ua, v0 + ub);
+}
+
+// dvl = P^T dO per chunk (slot, head), the state-independent part of dVn: P = s (Q K^T o E) on u <= r.
+template <int KP, typename T>
+struct LocalDvnSmem {
+  T *Qs, *Ks, *Ph, *dO;
+  float *P, *Of, *gam;
+  __host__ __device__ static size_t carve(char* base, LocalDvnSmem* s) {
+    SmemCarver sc{base};
+    LocalDvnSmem t;
+    t.Qs = sc.take<T>(C * ld_h(KP));
+    t.Ks = sc.take<T>(C * ld_h(KP));
+    t.Ph = sc.take<T>(C * ld_h(C));
+    t.dO = sc.take<T>(C * ld_h(64));
+    t.P = sc.take<float>(C * ld_f(C));
+    t.Of = sc.take<float>(C * ld_f(64));
+    t.gam = sc.take<float>(C);
+    if (s) *s = t;
+    return sc.used;
+  }
+};
+
+template <int KP, typename T>
+__global__ void __launch_bounds__(256) local_dvn_kernel(BwdParams bp) {
+  extern __shared__ __align__(128) char smem[];
+  const FwdParams& p = bp.f;
+  LocalDvnSmem<KP, T> s;
+  LocalDvnSmem<KP, T>::carve(smem, &s);
+  const int h = blockIdx.y;
+  int n;
+  int64_t c, bos, len;
+  if (!p.seq.locate(blockIdx.x, n, c, bos, len)) return;
+  const int rows = static_cast<int>(len - c * C < C ? len - c * C : C);
+  const int64_t tok0 = bos + c * C, H = p.H, K = p.K, V = p.V;
+  tile::load_tile<C, KP>(s.Qs, static_cast<const T*>(p.q) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
+  tile::load_tile<C, KP>(s.Ks, static_cast<const T*>(p.k) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
+  chunk::load_gamma(s.gam, p.g ? p.g + tok0 * H + h : nullptr, H, rows);
+  __syncthreads();
+  tile::gemm<C, C, KP, true, false, false>(s.Qs, ld_h(KP), s.Ks, ld_h(KP), s.P, ld_f(C));  // Q K^T
+  __syncthreads();
+  chunk::causal_decayed_scores(s.Ph, s.P, s.gam, p.scale);
+  for (int v0 = 0; v0 < p.V; v0 += 64) {
+    const int cols = min(64, p.V - v0);
+    const bool vec = p.vec_v && cols % 8 == 0;
+    tile::load_tile<C, 64>(s.dO, static_cast<const T*>(bp.dout) + (tok0 * H + h) * V + v0, H * V, rows, cols, vec);
+    __syncthreads();
+    tile::gemm<C, 64, C, false, true, false>(s.Ph, ld_h(C), s.dO, ld_h(64), s.Of, ld_f(64));  // P^T dO
+    __syncthreads();
+    tile::store_tile<C, 64>(static_cast<T*>(bp.dvl) + (tok0 * H + h) * V + v0, H * V, s.Of, rows, cols, vec);
+    __syncthreads();
+  }
+}
+
+}  // namespace linflow::delta_rule
