@@ -105,6 +105,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_cuda(
   const auto f32 = q.options().dtype(at::kFloat);
   Prepared r = prepare(s, q, k, v, beta, g, initial_state, cu_seqlens, scale);
   Tensor dout = grad_o.to(q.scalar_type()).contiguous();
+  r.p.vec_v = r.p.vec_v && aligned16(dout);  // dO tiles move in 16-byte pieces too
   Tensor dht_f = dht.has_value() ? dht->to(at::kFloat).contiguous() : Tensor();
   Tensor dq = new_output(q.sizes(), q.options()), dk = new_output(k.sizes(), q.options());
   Tensor dv = new_output(v.sizes(), q.options());
