@@ -167,6 +167,30 @@ def test_fp32_gates_with_low_precision_inputs(device, dtype):
         assert_rel_close(grads[name], rgrads[name], grad_tol, f"d{name}")
 
 
+@pytest.mark.parametrize("device,dtype", high_precision_params())
+def test_parallel_scan_equals_sequential(device, dtype):
+    """scan="parallel" (prefix scan of the chunks' affine maps) equals the chunk loop, values and gradients."""
+    inputs = make_inputs(2, 200, 2, 32, 48, dtype=dtype, device=device, gated=True, initial_state=True)
+    do, dht = cotangents((2, 200, 2, 48), (2, 2, 32, 48), dtype=dtype, device=device)
+    runs = [values_and_grads(lambda **x: linflow.delta_rule(**x, output_final_state=True, use_qk_l2norm=True,
+                                                             scan=scan), leaves(inputs), do, dht)
+            for scan in ("sequential", "parallel")]
+    (so, sht, sgrads), (po, pht, pgrads) = runs
+    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    assert_rel_close(po, so, tol, "o")
+    assert_rel_close(pht, sht, tol, "final_state")
+    for name in sgrads:
+        assert_rel_close(pgrads[name], sgrads[name], tol, f"d{name}")
+
+
+def test_scan_choice_is_checked():
+    inputs = make_inputs(1, 8, 1, 16, 16)
+    with pytest.raises(ValueError, match="scan"):
+        linflow.delta_rule(**inputs, scan="tree")
+    with pytest.raises(ValueError, match="chunk_size"):
+        linflow.delta_rule(**inputs, scan="parallel", chunk_size=32)
+
+
 def test_chunk_size_does_not_change_result():
     torch.manual_seed(0)
     inputs = make_inputs(2, 100, 2, 32, 48, dtype=torch.float64, gated=True, initial_state=True)

@@ -107,6 +107,7 @@ def delta_rule(
     cu_seqlens: torch.Tensor | None = None,
     use_qk_l2norm: bool = False,
     chunk_size: int = 64,
+    scan: str = "sequential",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     r"""Chunkwise delta rule (DeltaNet; Gated DeltaNet when ``g`` is given).
 
@@ -120,10 +121,23 @@ def delta_rule(
         cu_seqlens: int32/int64 ``[N + 1]`` offsets of packed variable-length sequences (requires B = 1).
         use_qk_l2norm: L2-normalise q and k over K inside the op (gradients flow through the norm).
         chunk_size: 16, 32 or 64.
+        scan: the state pass: ``"sequential"`` (loop over chunks), ``"parallel"`` (prefix scan over the chunks'
+            affine maps, equal up to rounding: the rank-1 case of :func:`linflow.flow_delta_rule`, chunk size 64)
+            or ``"auto"`` (sequential until the crossover is measured on the GPU).
 
     Returns:
         ``(o, final_state)``: ``o`` is ``[B, T, H, V]`` in q's dtype; ``final_state`` is None unless requested.
     """
+    if scan not in ("sequential", "parallel", "auto"):
+        raise ValueError(f'delta_rule: scan must be "sequential", "parallel" or "auto", got {scan!r}')
+    if scan == "parallel":
+        if chunk_size != 64:
+            raise ValueError(f"delta_rule: scan=\"parallel\" runs chunks of 64 tokens, got chunk_size={chunk_size}")
+        from linflow.ops.flow import flow_delta_rule  # the rank-1 flow op (import here: flow imports this module)
+
+        return flow_delta_rule(q, k.unsqueeze(2), v.unsqueeze(2), beta.unsqueeze(2), g, scale=scale,
+                               initial_state=initial_state, output_final_state=output_final_state,
+                               cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, scan="parallel")
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
     if scale is None:
