@@ -10,6 +10,11 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(linflow, m) {
+  // Row L2 norm over the last dim (use_qk_l2norm): y = x (sum x^2 + eps)^-1/2 in x's dtype, computed in fp32; rstd
+  // [x.shape[:-1]] fp32 (fp64 for fp64 x). The backward takes x and rstd.
+  m.def("l2norm_fwd(Tensor x, float eps) -> (Tensor, Tensor)");
+  m.def("l2norm_bwd(Tensor grad_y, Tensor x, Tensor rstd) -> Tensor");
+
   // Delta rule / Gated DeltaNet (ALGORITHMS.md §1). q,k [B,T,H,K]; v [B,T,H,V]; beta, g [B,T,H];
   // initial_state [N,H,K,V]; cu_seqlens [N+1] (B == 1). Returns o [B,T,H,V] and the final state
   // [N,H,K,V] (fp32; an empty tensor unless output_final_state).
