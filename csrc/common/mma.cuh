@@ -94,6 +94,34 @@ __device__ __forceinline__ void a_from_rows(uint32_t (&r)[4], const T* X, int ld
   ldmatrix_x4<false>(r, X + (m0 + lane % 8 + 8 * (mi % 2)) * ld + k0 + 8 * (mi / 2));
 }
 
+// acc[j] (16 x 8 tiles, columns n0 + 8 j, j < NJ) += sum over kb < KB of a[kb] . B(k0 + 16 kb ..), with B's blocks
+// read from a row-major shared tile X (ld elements): B_ROWS: B[k][n] = X[n][k] (b_from_rows), else X[k][n].
+// Per accumulator the k-blocks are summed in ascending order.
+template <bool B_ROWS, int NJ, int KB, typename T>
+__device__ __forceinline__ void mma_acc(float (&acc)[NJ][4], const uint32_t (&a)[KB][4], const T* X, int ld,
+                                        int n0 = 0, int k0 = 0) {
+  static_assert(NJ % 2 == 0, "tiles go in pairs");
+#pragma unroll
+  for (int j = 0; j < NJ; j += 2)
+#pragma unroll
+    for (int kb = 0; kb < KB; ++kb) {
+      uint32_t b[4];
+      if constexpr (B_ROWS) {
+        b_from_rows(b, X, ld, n0 + 8 * j, k0 + 16 * kb);
+      } else {
+        b_from_cols(b, X, ld, n0 + 8 * j, k0 + 16 * kb);
+      }
+      mma16816<T>(acc[j], a[kb], b[0], b[1]);
+      mma16816<T>(acc[j + 1], a[kb], b[2], b[3]);
+    }
+}
+
+template <int NJ>
+__device__ __forceinline__ void zero_acc(float (&acc)[NJ][4]) {
+#pragma unroll
+  for (int j = 0; j < NJ; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+}
+
 // A fragment for k-block kb from accumulator tiles acc[2 kb], acc[2 kb + 1] (16 x 8 each), columns scaled by
 // col_scale[2 kb][e] (e: the column pair 2t, 2t+1 of the tile).
 template <typename T, int N>

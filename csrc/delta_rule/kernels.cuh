@@ -82,23 +82,14 @@ __device__ __forceinline__ void store_acc_rows(T* dst, int64_t row_stride, const
     }
 }
 
-// acc (16 x 8 NJ) = A (16 x C, A fragments of rows m0.. of a C x C half tile) . X[:, n0 .. n0 + 8 NJ) (X: C rows).
+// acc (16 x 8 NJ) = A (rows m0.. of a C x C half tile) . X[:, n0 .. n0 + 8 NJ) (X: C rows, ldx).
 template <int NJ, typename T>
 __device__ __forceinline__ void gemm_rows_cc(float (&acc)[NJ][4], const T* A, int m0, const T* X, int ldx, int n0) {
+  uint32_t a[C / 16][4];
 #pragma unroll
-  for (int j = 0; j < NJ; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-#pragma unroll
-  for (int kb = 0; kb < C / 16; ++kb) {
-    uint32_t a[4];
-    mma::a_from_rows(a, A, ld_h(C), m0, 16 * kb);
-#pragma unroll
-    for (int j = 0; j < NJ; j += 2) {
-      uint32_t bx[4];
-      mma::b_from_cols(bx, X, ldx, n0 + 8 * j, 16 * kb);
-      mma::mma16816<T>(acc[j], a, bx[0], bx[1]);
-      mma::mma16816<T>(acc[j + 1], a, bx[2], bx[3]);
-    }
-  }
+  for (int kb = 0; kb < C / 16; ++kb) mma::a_from_rows(a[kb], A, ld_h(C), m0, 16 * kb);
+  mma::zero_acc(acc);
+  mma::mma_acc<false>(acc, a, X, ldx, n0);
 }
 
 template <int KP, typename T>
@@ -126,19 +117,12 @@ __global__ void __launch_bounds__(256) wy_fwd_kernel(FwdParams p) {
     constexpr int NJ = 4;
     const int n0 = 32 * (warp / 4);
     float acc[NJ][4];
+    mma::zero_acc(acc);
+    {
+      uint32_t a[KP / 16][4];
 #pragma unroll
-    for (int j = 0; j < NJ; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-#pragma unroll
-    for (int kb = 0; kb < KP / 16; ++kb) {
-      uint32_t a[4];
-      mma::a_from_rows(a, s.Ks, ld_h(KP), m0, 16 * kb);
-#pragma unroll
-      for (int j = 0; j < NJ; j += 2) {
-        uint32_t bk[4];
-        mma::b_from_rows(bk, s.Ks, ld_h(KP), n0 + 8 * j, 16 * kb);
-        mma::mma16816<T>(acc[j], a, bk[0], bk[1]);
-        mma::mma16816<T>(acc[j + 1], a, bk[2], bk[3]);
-      }
+      for (int kb = 0; kb < KP / 16; ++kb) mma::a_from_rows(a[kb], s.Ks, ld_h(KP), m0, 16 * kb);
+      mma::mma_acc<true>(acc, a, s.Ks, ld_h(KP), n0);
     }
 #pragma unroll
     for (int j = 0; j < NJ; ++j)
@@ -334,34 +318,16 @@ __global__ void __launch_bounds__(kOutWarps * 32) output_fwd_kernel(FwdParams p)
 #pragma unroll
   for (int kb = 0; kb < KP / 16; ++kb) mma::a_from_rows(qa[kb], s.Qs, ld_h(KP), m0, 16 * kb);
   float O[NV][4];
-#pragma unroll
-  for (int j = 0; j < NV; ++j) O[j][0] = O[j][1] = O[j][2] = O[j][3] = 0.f;
-#pragma unroll
-  for (int jv = 0; jv < NV; jv += 2)  // O = Q h
-#pragma unroll
-    for (int kb = 0; kb < KP / 16; ++kb) {
-      uint32_t bh[4];
-      mma::b_from_cols(bh, s.Hs, ld_h(BV), 8 * jv, 16 * kb);
-      mma::mma16816<T>(O[jv], qa[kb], bh[0], bh[1]);
-      mma::mma16816<T>(O[jv + 1], qa[kb], bh[2], bh[3]);
-    }
+  mma::zero_acc(O);
+  mma::mma_acc<false>(O, qa, s.Hs, ld_h(BV));  // O = Q h
   const float sr[2] = {p.scale * __expf(gr[0]), p.scale * __expf(gr[1])};
 #pragma unroll
   for (int j = 0; j < NV; ++j) {  // O = s diag(e^gamma) Q h
     O[j][0] *= sr[0]; O[j][1] *= sr[0]; O[j][2] *= sr[1]; O[j][3] *= sr[1];
   }
   float P[NU][4];
-#pragma unroll
-  for (int j = 0; j < NU; ++j) P[j][0] = P[j][1] = P[j][2] = P[j][3] = 0.f;
-#pragma unroll
-  for (int ju = 0; ju < NU; ju += 2)  // P = Q K^T
-#pragma unroll
-    for (int kb = 0; kb < KP / 16; ++kb) {
-      uint32_t bk[4];
-      mma::b_from_rows(bk, s.Ks, ld_h(KP), 8 * ju, 16 * kb);
-      mma::mma16816<T>(P[ju], qa[kb], bk[0], bk[1]);
-      mma::mma16816<T>(P[ju + 1], qa[kb], bk[2], bk[3]);
-    }
+  mma::zero_acc(P);
+  mma::mma_acc<true>(P, qa, s.Ks, ld_h(KP));  // P = Q K^T
 #pragma unroll
   for (int j = 0; j < NU; ++j)
 #pragma unroll
@@ -371,15 +337,9 @@ __global__ void __launch_bounds__(kOutWarps * 32) output_fwd_kernel(FwdParams p)
     }
 #pragma unroll
   for (int ub = 0; ub < C / 16; ++ub) {  // O += P Vn
-    uint32_t pa[4];
-    mma::acc_to_a<T>(pa, P, ub);
-#pragma unroll
-    for (int jv = 0; jv < NV; jv += 2) {
-      uint32_t bv[4];
-      mma::b_from_cols(bv, s.Vn, ld_h(BV), 8 * jv, 16 * ub);
-      mma::mma16816<T>(O[jv], pa, bv[0], bv[1]);
-      mma::mma16816<T>(O[jv + 1], pa, bv[2], bv[3]);
-    }
+    uint32_t pa[1][4];
+    mma::acc_to_a<T>(pa[0], P, ub);
+    mma::mma_acc<false>(O, pa, s.Vn, ld_h(BV), 0, 16 * ub);
   }
   T* o = static_cast<T*>(p.o) + (tok0 * H + h) * V + v0;
   const bool pairs = V % 2 == 0;

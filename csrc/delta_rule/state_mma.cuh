@@ -83,33 +83,24 @@ __device__ __forceinline__ void store_state(D* dst, const float (&S)[NK][4], int
     }
 }
 
-// acc (16 v x KP k) += A (16 v x C r) . X (C x KP, row-major in shared memory): B fragments of X's columns.
-template <int KP, typename T>
-__device__ __forceinline__ void gemm_acc_cols(float (&acc)[KP / 8][4], const uint32_t (&a)[4], const T* X, int rb) {
-#pragma unroll
-  for (int jk = 0; jk < KP / 8; jk += 2) {
-    uint32_t bx[4];
-    mma::b_from_cols(bx, X, ld_h(KP), 8 * jk, 16 * rb);
-    mma::mma16816<T>(acc[jk], a, bx[0], bx[1]);
-    mma::mma16816<T>(acc[jk + 1], a, bx[2], bx[3]);
+// Where a state block works: (16 NW)-column slice v0.. of the state of sequence n, head h; this thread's two
+// accumulator rows are the state columns ua, ub (local to the slice).
+template <int NW>
+struct StateBlock {
+  int warp, lane, t4, v0, h, n, cols, ua, ub;
+  int64_t bos, len, slot0, nc;
+  bool vec_v;
+  __device__ explicit StateBlock(const FwdParams& p) {
+    warp = threadIdx.x / 32, lane = threadIdx.x % 32, t4 = lane % 4;
+    v0 = blockIdx.x * 16 * NW, h = blockIdx.y, n = blockIdx.z;
+    cols = min(16 * NW, p.V - v0);
+    p.seq.seq(n, bos, len);
+    slot0 = p.seq.first_slot(n, bos), nc = (len + C - 1) / C;
+    vec_v = p.vec_v && cols % 8 == 0;
+    ua = 16 * warp + lane / 4, ub = ua + 8;
   }
-}
-
-// out (16 v x C r) = S^T (A fragments sa) . X^T, X (C x KP) row-major in shared memory.
-template <int KP, typename T>
-__device__ __forceinline__ void gemm_state_rows(float (&out)[C / 8][4], const uint32_t (&sa)[KP / 16][4], const T* X) {
-#pragma unroll
-  for (int j = 0; j < C / 8; ++j) out[j][0] = out[j][1] = out[j][2] = out[j][3] = 0.f;
-#pragma unroll
-  for (int jr = 0; jr < C / 8; jr += 2)
-#pragma unroll
-    for (int kb = 0; kb < KP / 16; ++kb) {
-      uint32_t bx[4];
-      mma::b_from_rows(bx, X, ld_h(KP), 8 * jr, 16 * kb);
-      mma::mma16816<T>(out[jr], sa[kb], bx[0], bx[1]);
-      mma::mma16816<T>(out[jr + 1], sa[kb], bx[2], bx[3]);
-    }
-}
+  __device__ int rows(int64_t c) const { return static_cast<int>(len - c * C < C ? len - c * C : C); }
+};
 
 template <int KP, int NW, typename T>
 __global__ void __launch_bounds__(NW * 32) state_fwd_mma_kernel(FwdParams p) {
@@ -117,17 +108,12 @@ __global__ void __launch_bounds__(NW * 32) state_fwd_mma_kernel(FwdParams p) {
   extern __shared__ __align__(128) char smem[];
   StateMmaSmem<KP, NW, T> s;
   StateMmaSmem<KP, NW, T>::carve(smem, &s, 2, 1);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g8 = lane / 4, t4 = lane % 4;
-  const int v0 = blockIdx.x * BV, h = blockIdx.y, n = blockIdx.z;
-  const int cols = min(BV, p.V - v0);
-  const int64_t H = p.H, K = p.K, V = p.V;
-  int64_t bos, len;
-  p.seq.seq(n, bos, len);
-  const int64_t slot0 = p.seq.first_slot(n, bos), nc = (len + C - 1) / C;
-  const bool vec_v = p.vec_v && cols % 8 == 0;
-  const int ua = 16 * warp + g8, ub = ua + 8;  // this thread's columns, local to the block tile
+  const StateBlock<NW> sb(p);
+  const int v0 = sb.v0, h = sb.h, n = sb.n, cols = sb.cols, t4 = sb.t4, ua = sb.ua, ub = sb.ub;
+  const int64_t H = p.H, K = p.K, V = p.V, bos = sb.bos, len = sb.len, slot0 = sb.slot0, nc = sb.nc;
+  const bool vec_v = sb.vec_v;
   auto prefetch = [&](int64_t c) {
-    const int b = c & 1, rows = static_cast<int>(len - c * C < C ? len - c * C : C);
+    const int b = c & 1, rows = sb.rows(c);
     const int64_t tok0 = bos + c * C;
     tile::fetch_tile<C, KP, T, NT>(s.X[0][b], static_cast<const T*>(p.w) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
     tile::fetch_tile<C, KP, T, NT>(s.X[1][b], static_cast<const T*>(p.k) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
@@ -139,7 +125,7 @@ __global__ void __launch_bounds__(NW * 32) state_fwd_mma_kernel(FwdParams p) {
   load_state(S, p.h0 ? p.h0 + (n * H + h) * K * V : nullptr, p.K, p.V, v0 + ua, v0 + ub);
   if (nc > 0) prefetch(0);
   for (int64_t c = 0; c < nc; ++c) {
-    const int b = c & 1, rows = static_cast<int>(len - c * C < C ? len - c * C : C);
+    const int b = c & 1, rows = sb.rows(c);
     const int64_t tok0 = bos + c * C;
     tile::cp_async_wait<0>();
     __syncthreads();  // chunk c's tiles landed; every warp is done with chunk c - 1's buffer
@@ -152,7 +138,8 @@ __global__ void __launch_bounds__(NW * 32) state_fwd_mma_kernel(FwdParams p) {
 #pragma unroll
     for (int kb = 0; kb < KP / 16; ++kb) mma::acc_to_a<T>(sa[kb], S, kb);
     float X[NR][4];
-    gemm_state_rows<KP, T>(X, sa, W);  // S^T W^T
+    mma::zero_acc(X);
+    mma::mma_acc<true>(X, sa, W, ld_h(KP));  // S^T W^T
     T* vn = static_cast<T*>(p.vn) + (tok0 * H + h) * V + v0;
 #pragma unroll
     for (int j = 0; j < NR; ++j)
@@ -168,9 +155,9 @@ __global__ void __launch_bounds__(NW * 32) state_fwd_mma_kernel(FwdParams p) {
       for (int e = 0; e < 4; ++e) S[j][e] *= gt.eC;
 #pragma unroll
     for (int rb = 0; rb < C / 16; ++rb) {  // S^T += (Vn^T diag(kd)) K
-      uint32_t a[4];
-      mma::acc_to_a_scaled<T>(a, X, gt.kd, rb);
-      gemm_acc_cols<KP, T>(S, a, Kt, rb);
+      uint32_t a[1][4];
+      mma::acc_to_a_scaled<T>(a[0], X, gt.kd, rb);
+      mma::mma_acc<false>(S, a, Kt, ld_h(KP), 0, 16 * rb);
     }
   }
   if (p.ht) store_state(p.ht + (n * H + h) * K * V, S, p.K, p.V, v0 + ua, v0 + ub);
@@ -183,17 +170,12 @@ __global__ void __launch_bounds__(NW * 32) state_bwd_mma_kernel(BwdParams bp) {
   const FwdParams& p = bp.f;
   StateMmaSmem<KP, NW, T> s;
   StateMmaSmem<KP, NW, T>::carve(smem, &s, 3, 2);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g8 = lane / 4, t4 = lane % 4;
-  const int v0 = blockIdx.x * BV, h = blockIdx.y, n = blockIdx.z;
-  const int cols = min(BV, p.V - v0);
-  const int64_t H = p.H, K = p.K, V = p.V;
-  int64_t bos, len;
-  p.seq.seq(n, bos, len);
-  const int64_t slot0 = p.seq.first_slot(n, bos), nc = (len + C - 1) / C;
-  const bool vec_v = p.vec_v && cols % 8 == 0;
-  const int ua = 16 * warp + g8, ub = ua + 8;
+  const StateBlock<NW> sb(p);
+  const int v0 = sb.v0, h = sb.h, n = sb.n, cols = sb.cols, t4 = sb.t4, ua = sb.ua, ub = sb.ub, warp = sb.warp;
+  const int64_t H = p.H, K = p.K, V = p.V, bos = sb.bos, len = sb.len, slot0 = sb.slot0, nc = sb.nc;
+  const bool vec_v = sb.vec_v;
   auto prefetch = [&](int64_t c) {
-    const int b = c & 1, rows = static_cast<int>(len - c * C < C ? len - c * C : C);
+    const int b = c & 1, rows = sb.rows(c);
     const int64_t tok0 = bos + c * C;
     tile::fetch_tile<C, KP, T, NT>(s.X[0][b], static_cast<const T*>(p.w) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
     tile::fetch_tile<C, KP, T, NT>(s.X[1][b], static_cast<const T*>(p.k) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
@@ -207,7 +189,7 @@ __global__ void __launch_bounds__(NW * 32) state_bwd_mma_kernel(BwdParams bp) {
   load_state(dS, bp.dht ? bp.dht + (n * H + h) * K * V : nullptr, p.K, p.V, v0 + ua, v0 + ub);
   if (nc > 0) prefetch(nc - 1);
   for (int64_t c = nc - 1; c >= 0; --c) {
-    const int b = c & 1, rows = static_cast<int>(len - c * C < C ? len - c * C : C);
+    const int b = c & 1, rows = sb.rows(c);
     const int64_t tok0 = bos + c * C;
     tile::cp_async_wait<0>();
     __syncthreads();
@@ -221,7 +203,8 @@ __global__ void __launch_bounds__(NW * 32) state_bwd_mma_kernel(BwdParams bp) {
 #pragma unroll
     for (int kb = 0; kb < KP / 16; ++kb) mma::acc_to_a<T>(sa[kb], dS, kb);
     float Y[NR][4];
-    gemm_state_rows<KP, T>(Y, sa, Kt);  // dS^T K^T
+    mma::zero_acc(Y);
+    mma::mma_acc<true>(Y, sa, Kt, ld_h(KP));  // dS^T K^T
     T* dvn = static_cast<T*>(bp.dvn) + (tok0 * H + h) * V + v0;
 #pragma unroll
     for (int j = 0; j < NR; ++j)
@@ -237,20 +220,20 @@ __global__ void __launch_bounds__(NW * 32) state_bwd_mma_kernel(BwdParams bp) {
       for (int e = 0; e < 4; ++e) dS[j][e] *= gt.eC;
 #pragma unroll
     for (int rb = 0; rb < C / 16; ++rb) {  // dS^T += dO^T Qg - dVn^T W
-      uint32_t a[4];
-      mma::a_from_cols(a, dO, ld_h(BV), 16 * warp, 16 * rb);
+      uint32_t a[1][4];
+      mma::a_from_cols(a[0], dO, ld_h(BV), 16 * warp, 16 * rb);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {  // columns r = 16 rb + 8 (i / 2) + 2 t (+1): scale by s e^gamma_r
-        const float2 f = mma::unpack2<T>(a[i]);
+        const float2 f = mma::unpack2<T>(a[0][i]);
         const int j = 2 * rb + i / 2;
-        a[i] = mma::pack2<T>(f.x * p.scale * gt.eg[j][0], f.y * p.scale * gt.eg[j][1]);
+        a[0][i] = mma::pack2<T>(f.x * p.scale * gt.eg[j][0], f.y * p.scale * gt.eg[j][1]);
       }
-      gemm_acc_cols<KP, T>(dS, a, Q, rb);
-      uint32_t an[4];
-      mma::acc_to_a<T>(an, Y, rb);
+      mma::mma_acc<false>(dS, a, Q, ld_h(KP), 0, 16 * rb);
+      uint32_t an[1][4];
+      mma::acc_to_a<T>(an[0], Y, rb);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) an[i] ^= 0x80008000u;  // negate both 16-bit halves
-      gemm_acc_cols<KP, T>(dS, an, W, rb);
+      for (int i = 0; i < 4; ++i) an[0][i] ^= 0x80008000u;  // negate both 16-bit halves
+      mma::mma_acc<false>(dS, an, W, ld_h(KP), 0, 16 * rb);
     }
   }
   if (bp.dh0) store_state(bp.dh0 + (n * H + h) * K * V, dS, p.K, p.V, v0 + ua, v0 + ub);
