@@ -87,20 +87,49 @@ __device__ __forceinline__ void store_state(D* dst, const float (&S)[NK][4], int
 // accumulator rows are the state columns ua, ub (local to the slice).
 template <int NW>
 struct StateBlock {
-  int warp, lane, t4, v0, h, n, cols, ua, ub;
+  int warp, v0, h, n, cols, ua, ub;
   int64_t bos, len, slot0, nc;
   bool vec_v;
   __device__ explicit StateBlock(const FwdParams& p) {
-    warp = threadIdx.x / 32, lane = threadIdx.x % 32, t4 = lane % 4;
+    warp = threadIdx.x / 32;
     v0 = blockIdx.x * 16 * NW, h = blockIdx.y, n = blockIdx.z;
     cols = min(16 * NW, p.V - v0);
     p.seq.seq(n, bos, len);
     slot0 = p.seq.first_slot(n, bos), nc = (len + C - 1) / C;
     vec_v = p.vec_v && cols % 8 == 0;
-    ua = 16 * warp + lane / 4, ub = ua + 8;
+    ua = 16 * warp + (threadIdx.x % 32) / 4, ub = ua + 8;
   }
   __device__ int rows(int64_t c) const { return static_cast<int>(len - c * C < C ? len - c * C : C); }
 };
+
+// The first half of a chunk step, shared by both passes: store the state slice (h_c or dh_c), then
+// out = S^T X^T (16 columns x C rows) with X = W (forward) or K (backward), the state packed to A fragments.
+template <int KP, typename T>
+__device__ __forceinline__ void state_times_rows(float (&out)[C / 8][4], const float (&S)[KP / 8][4], const T* X,
+                                                 T* state_dst, int K, int V, int va, int vb) {
+  store_state(state_dst, S, K, V, va, vb);
+  uint32_t sa[KP / 16][4];
+#pragma unroll
+  for (int kb = 0; kb < KP / 16; ++kb) mma::acc_to_a<T>(sa[kb], S, kb);
+  mma::zero_acc(out);
+  mma::mma_acc<true>(out, sa, X, ld_h(KP));
+}
+
+// out[j][e] = f(Y[r][u], out[j][e], j, e) at row r = 8 j + 2t + (e & 1), column u (ua / ub) of a C x BV tile Y in
+// shared memory; the result also goes to dst[r * row_stride + u] (r < rows, u < cols).
+template <int BV, typename T, typename F>
+__device__ __forceinline__ void combine_rows(float (&out)[C / 8][4], const T* Y, T* dst, int64_t row_stride, int ua,
+                                             int ub, int rows, int cols, F&& f) {
+  const int t4 = threadIdx.x % 4;
+#pragma unroll
+  for (int j = 0; j < C / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = 8 * j + 2 * t4 + (e & 1), u = e < 2 ? ua : ub;
+      out[j][e] = f(tile::to_f(Y[r * ld_h(BV) + u]), out[j][e], j, e);
+      if (r < rows && u < cols) dst[r * row_stride + u] = tile::from_f<T>(out[j][e]);
+    }
+}
 
 template <int KP, int NW, typename T>
 __global__ void __launch_bounds__(NW * 32) state_fwd_mma_kernel(FwdParams p) {
@@ -109,7 +138,7 @@ __global__ void __launch_bounds__(NW * 32) state_fwd_mma_kernel(FwdParams p) {
   StateMmaSmem<KP, NW, T> s;
   StateMmaSmem<KP, NW, T>::carve(smem, &s, 2, 1);
   const StateBlock<NW> sb(p);
-  const int v0 = sb.v0, h = sb.h, n = sb.n, cols = sb.cols, t4 = sb.t4, ua = sb.ua, ub = sb.ub;
+  const int v0 = sb.v0, h = sb.h, n = sb.n, cols = sb.cols, ua = sb.ua, ub = sb.ub;
   const int64_t H = p.H, K = p.K, V = p.V, bos = sb.bos, len = sb.len, slot0 = sb.slot0, nc = sb.nc;
   const bool vec_v = sb.vec_v;
   auto prefetch = [&](int64_t c) {
@@ -133,22 +162,10 @@ __global__ void __launch_bounds__(NW * 32) state_fwd_mma_kernel(FwdParams p) {
     const T *W = b ? s.X[0][1] : s.X[0][0], *Kt = b ? s.X[1][1] : s.X[1][0], *U = b ? s.Y[0][1] : s.Y[0][0];
     RowGates gt;
     gt.load(p.g ? (b ? s.g[1] : s.g[0]) : nullptr);
-    store_state(static_cast<T*>(p.h) + ((slot0 + c) * H + h) * K * V, S, p.K, p.V, v0 + ua, v0 + ub);  // h_c
-    uint32_t sa[KP / 16][4];
-#pragma unroll
-    for (int kb = 0; kb < KP / 16; ++kb) mma::acc_to_a<T>(sa[kb], S, kb);
-    float X[NR][4];
-    mma::zero_acc(X);
-    mma::mma_acc<true>(X, sa, W, ld_h(KP));  // S^T W^T
-    T* vn = static_cast<T*>(p.vn) + (tok0 * H + h) * V + v0;
-#pragma unroll
-    for (int j = 0; j < NR; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {  // Vn^T = U^T - S^T W^T
-        const int r = 8 * j + 2 * t4 + (e & 1), u = e < 2 ? ua : ub;
-        X[j][e] = tile::to_f(U[r * ld_h(BV) + u]) - X[j][e];
-        if (r < rows && u < cols) vn[r * H * V + u] = tile::from_f<T>(X[j][e]);
-      }
+    float X[NR][4];  // h_c = S; X = S^T W^T; then Vn^T = U^T - S^T W^T
+    state_times_rows<KP, T>(X, S, W, static_cast<T*>(p.h) + ((slot0 + c) * H + h) * K * V, p.K, p.V, v0 + ua, v0 + ub);
+    combine_rows<BV, T>(X, U, static_cast<T*>(p.vn) + (tok0 * H + h) * V + v0, H * V, ua, ub, rows, cols,
+                        [](float u, float ws, int, int) { return u - ws; });
 #pragma unroll
     for (int j = 0; j < NK; ++j)
 #pragma unroll
@@ -171,7 +188,7 @@ __global__ void __launch_bounds__(NW * 32) state_bwd_mma_kernel(BwdParams bp) {
   StateMmaSmem<KP, NW, T> s;
   StateMmaSmem<KP, NW, T>::carve(smem, &s, 3, 2);
   const StateBlock<NW> sb(p);
-  const int v0 = sb.v0, h = sb.h, n = sb.n, cols = sb.cols, t4 = sb.t4, ua = sb.ua, ub = sb.ub, warp = sb.warp;
+  const int v0 = sb.v0, h = sb.h, n = sb.n, cols = sb.cols, ua = sb.ua, ub = sb.ub, warp = sb.warp;
   const int64_t H = p.H, K = p.K, V = p.V, bos = sb.bos, len = sb.len, slot0 = sb.slot0, nc = sb.nc;
   const bool vec_v = sb.vec_v;
   auto prefetch = [&](int64_t c) {
@@ -198,22 +215,11 @@ __global__ void __launch_bounds__(NW * 32) state_bwd_mma_kernel(BwdParams bp) {
     const T *dO = b ? s.Y[0][1] : s.Y[0][0], *dvl = b ? s.Y[1][1] : s.Y[1][0];
     RowGates gt;
     gt.load(p.g ? (b ? s.g[1] : s.g[0]) : nullptr);
-    store_state(static_cast<T*>(bp.dh) + ((slot0 + c) * H + h) * K * V, dS, p.K, p.V, v0 + ua, v0 + ub);  // dh_c
-    uint32_t sa[KP / 16][4];
-#pragma unroll
-    for (int kb = 0; kb < KP / 16; ++kb) mma::acc_to_a<T>(sa[kb], dS, kb);
-    float Y[NR][4];
-    mma::zero_acc(Y);
-    mma::mma_acc<true>(Y, sa, Kt, ld_h(KP));  // dS^T K^T
-    T* dvn = static_cast<T*>(bp.dvn) + (tok0 * H + h) * V + v0;
-#pragma unroll
-    for (int j = 0; j < NR; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {  // dVn^T = (P^T dO)^T + dS^T Kd^T
-        const int r = 8 * j + 2 * t4 + (e & 1), u = e < 2 ? ua : ub;
-        Y[j][e] = tile::to_f(dvl[r * ld_h(BV) + u]) + gt.kd[j][e & 1] * Y[j][e];
-        if (r < rows && u < cols) dvn[r * H * V + u] = tile::from_f<T>(Y[j][e]);
-      }
+    float Y[NR][4];  // dh_c = dS; Y = dS^T K^T; then dVn^T = (P^T dO)^T + dS^T Kd^T
+    state_times_rows<KP, T>(Y, dS, Kt, static_cast<T*>(bp.dh) + ((slot0 + c) * H + h) * K * V, p.K, p.V, v0 + ua,
+                            v0 + ub);
+    combine_rows<BV, T>(Y, dvl, static_cast<T*>(bp.dvn) + (tok0 * H + h) * V + v0, H * V, ua, ub, rows, cols,
+                        [&](float pdo, float y, int j, int e) { return pdo + gt.kd[j][e & 1] * y; });
 #pragma unroll
     for (int j = 0; j < NK; ++j)
 #pragma unroll
