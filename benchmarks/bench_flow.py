@@ -54,14 +54,11 @@ FLA_OPS = {"chunk_delta_rule": "fla.ops.delta_rule",
 
 # --------------------------------------------------------------------------------------------- work and traffic
 def scan_fwd_flops(B: int, T: int, R: int, H: int, K: int, V: int, C: int = FLOW_CHUNK) -> float:
-    """Extra forward work of scan="parallel" over the sequential loop (ALGORITHMS.md §2), per sequence and head:
-      transitions  every chunk's (P, Q) from its WY form: P = K^T diag·W (2 C K^2), Q = K^T diag·U (2 C K V),
-                   i.e. 2 K (K+V) per (sub-)token;
-      combines     (P2, Q2)∘(P1, Q1) = (P2 P1, P2 Q1 + Q2): 2 K^2 (K+V) FLOPs (≈ the "K^3 per combine", counting
-                   a multiply-add as 2 and the Q update), one per chunk at each of ceil(log2 #chunks) levels."""
-    n = math.ceil(T * R / C)
-    levels = math.ceil(math.log2(n)) if n > 1 else 0
-    return float(B * H) * (2 * T * R * K * (K + V) + n * levels * 2 * K * K * (K + V))
+    """Extra forward work of scan="parallel" (the segment scan, linflow/ops/scan.py) over the sequential loop, per
+    sequence and head: one more pass of the chunk form over every token with K + V value columns (the segments'
+    affine maps from [I | 0] on [0 | v]), i.e. the delta rule's count with V -> K + V; the scan over segments
+    (a few K x K by K x V products a segment) is negligible."""
+    return bdr.delta_rule_fwd_flops(B, T * R, H, K, K + V, C)
 
 
 def flow_flops(B: int, T: int, R: int, H: int, K: int, V: int, mode: str, scan: str = "sequential",
@@ -428,7 +425,7 @@ def print_report(payload, ceil: hz.Ceilings, written) -> None:
     P(f"ceilings: copy {ceil.copy_gbps or 0:.0f} GB/s (read+write), GEMM {ceil.gemm_tflops or 0:.1f} TFLOP/s "
       f"({ceil.gemm_dtype} {ceil.gemm_n}^3).  K=V={payload['head_dim']} {payload['dtype']} chunk "
       f"{payload['chunk_size']}, q/k l2norm in op (all sides); elapsed {payload['elapsed_s']:.0f} s.  FLOPs: "
-      f"R × delta-rule count on T·R tokens (+ parallel scan: 2K(K+V)/token + 2K²(K+V)·#chunks·log2 #chunks); "
+      f"R × delta-rule count on T·R tokens (+ parallel scan: one more pass with K+V value columns, the segment maps); "
       f"bwd = 2.5 × fwd")
     if payload["c_sweep"]:
         P("\n## (c) Scan sweep: time vs T (seq/par > 1: parallel faster)")

@@ -6,12 +6,14 @@ Tolerances (relative Frobenius error vs the fp64 oracle on the same rounded inpu
 """
 from typing import NamedTuple
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import linflow
-from conftest import (HAS_CUDA, STATE_DTYPE, TOL, assert_rel_close, cotangents, leaves, low_precision_tol, rel_err,
+from conftest import (CAP, HAS_CUDA, STATE_DTYPE, TOL, assert_rel_close, cotangents, leaves, low_precision_tol, rel_err,
                       values_and_grads)
 from reference import flow_ref, l2norm_ref
 
@@ -134,6 +136,44 @@ def test_parallel_scan_equals_sequential(form, R):
     assert_rel_close(pht, ht, 1e-5, "final_state")
     for name in grads:
         assert_rel_close(pgrads[name], grads[name], 1e-5, f"d{name}")
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("segment", [64, 128, 1000])
+def test_segment_scan_varlen_equals_sequential(form, segment):
+    """The segment scan over ragged sequences (one empty, one shorter than a segment, one of several segments):
+    values, final states and every gradient (initial state included) equal the sequential pass, in fp64."""
+    lengths = [200, 0, 37, 330]
+    cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int64)
+    inputs = make_flow_inputs(1, sum(lengths), 2, 2, 16, 8, dtype=torch.float64, gated=True, initial_state=True,
+                              N=len(lengths), seed=5)
+    do, dht = cotangents((1, sum(lengths), 2, 8), (len(lengths), 2, 16, 8), dtype=torch.float64, device="cpu")
+
+    def run(scan):
+        return lambda **a: linflow.flow_delta_rule(**a, form=form, cu_seqlens=cu, output_final_state=True, scan=scan,
+                                                   segment=segment)
+    o, ht, grads = values_and_grads(run("sequential"), leaves(inputs), do, dht)
+    po, pht, pgrads = values_and_grads(run("parallel"), leaves(inputs), do, dht)
+    assert_rel_close(po, o, 1e-12, "o")
+    assert_rel_close(pht, ht, 1e-12, "final_state")
+    for name in grads:
+        assert_rel_close(pgrads[name], grads[name], 1e-12, f"d{name}")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("form", FORMS)
+def test_segment_scan_cuda_bf16_matches_sequential(form):
+    """On the GPU's tensor-core path (bf16): the segment scan with its default segments (sized to fill the device)
+    against the sequential pass, within bf16 tolerance, values and gradients."""
+    case = Case(T=1000, R=2, form=form, h0=True, K=64, V=64, B=1)
+    inputs, do, dht = case_inputs(case, torch.bfloat16, "cuda", seed=7)
+    o, ht, grads = values_and_grads(run_op(case, scan="sequential"), leaves(inputs), do, dht)
+    po, pht, pgrads = values_and_grads(run_op(case, scan="parallel"), leaves(inputs), do, dht)
+    value_tol, grad_tol = CAP[torch.bfloat16]
+    assert_rel_close(po, o, value_tol, "o")
+    assert_rel_close(pht, ht, value_tol, "final_state")
+    for name in grads:
+        assert_rel_close(pgrads[name], grads[name], grad_tol, f"d{name}")
 
 
 @pytest.mark.parametrize("form", FORMS)

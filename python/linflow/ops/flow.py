@@ -13,9 +13,11 @@ Both run the delta rule's chunk (WY) form on the interleaved length-``T·R`` seq
 form zeroes between the ``R`` rows of one token. State and accumulation in fp32 (fp64 for fp64 inputs). On CUDA the
 ops run this device-generic ATen form until dedicated kernels land.
 
-``scan="parallel"`` replaces the loop over chunks by a log-depth prefix scan of the chunks' affine state maps
-``(P, Q)`` (and, in the backward, of ``(P^T, dS)`` in reverse), then computes every chunk's outputs at once.
-``scan="auto"`` is the sequential loop for now: the crossover will be measured on the GPU.
+``scan="parallel"`` replaces the loop over all chunks by the segment scan of :mod:`linflow.ops.scan` (built from
+this op: every segment's affine map at once, a short scan over segments, every segment's outputs at once; autograd
+differentiates the composition). The op itself also takes ``scan="parallel"``: a log-depth prefix scan over every
+chunk's map in ATen (CPU-oriented). ``scan="auto"`` is the sequential loop for now: the crossover will be measured
+on the GPU.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 
 from linflow import _C_loader  # noqa: F401  (registers the ops)
 from linflow.ops.delta_rule import _contiguous, _state_dtype, l2norm
+from linflow.ops.scan import flow_segment_scan
 
 _fwd = torch.ops.linflow.flow_fwd
 _bwd = torch.ops.linflow.flow_bwd
@@ -87,6 +90,7 @@ def flow_delta_rule(
     cu_seqlens: torch.Tensor | None = None,
     use_qk_l2norm: bool = False,
     scan: str = "sequential",
+    segment: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     r"""Rank-R delta rule (DeltaProduct with ``form="product"``, ParallelFlow with ``form="simultaneous"``).
 
@@ -101,8 +105,12 @@ def flow_delta_rule(
         output_final_state: also return the final state ``[N, H, K, V]`` (fp32; fp64 for fp64 inputs).
         cu_seqlens: int32/int64 ``[N + 1]`` token offsets of packed sequences (requires B = 1).
         use_qk_l2norm: L2-normalise q and k over K inside the op (gradients flow through the norm).
-        scan: ``"sequential"`` (loop over chunks), ``"parallel"`` (prefix scan over the chunks' affine maps;
-            equal up to rounding) or ``"auto"`` (sequential for now; the crossover will be measured on the GPU).
+        scan: ``"sequential"`` (loop over chunks), ``"parallel"`` (segment scan, :mod:`linflow.ops.scan`: every
+            segment's affine map at once, a short scan over segments, then every segment's outputs at once; equal
+            up to rounding; with ``cu_seqlens`` it reads the lengths on the host) or ``"auto"`` (sequential for
+            now; the crossover will be measured on the GPU).
+        segment: tokens per segment of the parallel scan (rounded up to a multiple of 64); default: sized to fill
+            the device.
 
     Returns:
         ``(o, final_state)``: ``o`` is ``[B, T, H, V]`` in q's dtype; ``final_state`` is None unless requested.
@@ -114,7 +122,12 @@ def flow_delta_rule(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     q, k, v, beta, g, initial_state = map(_contiguous, (q, k, v, beta, g, initial_state))
-    o, ht = _fwd(q, k, v, beta, g, initial_state, cu_seqlens, float(scale), bool(output_final_state), form, scan)
+    if scan == "parallel":
+        o, ht = flow_segment_scan(q, k, v, beta, g, initial_state, cu_seqlens, float(scale), bool(output_final_state),
+                                  form, segment)
+    else:
+        o, ht = _fwd(q, k, v, beta, g, initial_state, cu_seqlens, float(scale), bool(output_final_state), form,
+                     "sequential")
     return o, (ht if output_final_state else None)
 
 
