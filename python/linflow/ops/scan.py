@@ -6,8 +6,8 @@ A segment (``L`` tokens of one sequence) maps its incoming state affinely, ``S_o
   1. every segment's map at once: one run of the op over all segments (packed as variable-length sequences) on the
      augmented value ``[0 | v]`` (K + V columns) from the initial state ``[I | 0]``: by linearity its final state
      is ``[A | B]`` (``A`` is the homogeneous part, ``B`` the map of a zero state);
-  2. the incoming state of every segment from the prefix compositions of the maps (a short loop over the segment
-     index, batched over sequences, heads and columns);
+  2. the incoming state of every segment from the prefix compositions of the maps (a log-depth scan over the
+     segment index, batched over sequences and heads);
   3. the outputs: one more run over all segments, each from its incoming state.
 
 Steps 1 and 3 use every chunk of every segment in parallel, so a single long sequence fills the GPU; both run the
@@ -85,16 +85,22 @@ def flow_segment_scan(q, k, v, beta, g, initial_state, cu_seqlens, scale: float,
                     "sequential")
         _, Bm = _fwd(qp, kp, vp, bp, gp, None, cu_seg, scale, True, form, "sequential")
 
-    # 2. incoming state of every segment: S_in(first) = h0, S_in(next) = A S_in + B, batched over sequences
-    # (index lists built on the host: no device-to-host read)
-    state, s_in = h0, h0.new_zeros(S, H, K, V)
-    for i in range(max(seg_idx) + 1):
-        picked = [j for j, idx in enumerate(seg_idx) if idx == i]
-        at = torch.tensor(picked, device=dev, dtype=torch.int64)
-        seqs = torch.tensor([seg_seq[j] for j in picked], device=dev, dtype=torch.int64)
-        cur = state.index_select(0, seqs)
-        s_in = s_in.index_copy(0, at, cur)
-        state = state.index_copy(0, seqs, torch.matmul(A.index_select(0, at), cur) + Bm.index_select(0, at))
+    # 2. incoming state of every segment: the prefix compositions of the maps along each sequence, by a log-depth
+    # (Hillis-Steele) scan over the segment index, sequences padded to the same count with identity maps; the
+    # index lists come from the host (no device-to-host read).
+    m = max(seg_idx) + 1
+    flat = torch.tensor([seg_seq[j] * m + seg_idx[j] for j in range(S)], device=dev, dtype=torch.int64)
+    P = torch.eye(K, device=dev, dtype=state_dtype).expand(N * m, H, K, K).index_copy(0, flat, A)
+    Q = torch.zeros(N * m, H, K, V, device=dev, dtype=state_dtype).index_copy(0, flat, Bm)
+    P, Q = P.view(N, m, H, K, K), Q.view(N, m, H, K, V)
+    d = 1
+    while d < m:  # (P, Q)[i] <- (P, Q)[i] o (P, Q)[i - d]
+        Q = torch.cat([Q[:, :d], torch.matmul(P[:, d:], Q[:, :-d]) + Q[:, d:]], dim=1)
+        P = torch.cat([P[:, :d], torch.matmul(P[:, d:], P[:, :-d])], dim=1)
+        d *= 2
+    after = torch.matmul(P, h0.unsqueeze(1)) + Q  # the state after segment i of each sequence
+    s_in = torch.cat([h0.unsqueeze(1), after[:, :-1]], dim=1).reshape(N * m, H, K, V).index_select(0, flat)
+    state = after[:, -1]  # padding maps are the identity: the final state (h0 for an empty sequence)
 
     # 3. the outputs, every segment from its incoming state
     o, _ = _fwd(qp, kp, vp, bp, gp, s_in, cu_seg, scale, False, form, "sequential")
