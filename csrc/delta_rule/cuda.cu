@@ -25,8 +25,13 @@ cudaError_t launch(Kernel kernel, dim3 grid, size_t smem, const Params& p, cudaS
 
 // Warps per block of the register-state passes (a block owns 16 columns a warp): the widest block that still
 // gives about one block per multiprocessor; narrower blocks when (sequences x heads) is small, for parallelism.
+// `forced` (FwdParams::state_warps, from LINFLOW_STATE_WARPS) overrides the rule, for tuning experiments.
 template <typename F>
-cudaError_t with_state_warps(int64_t V, int64_t heads_x_seqs, int sms, int max_warps, F&& f) {
+cudaError_t with_state_warps(int64_t V, int64_t heads_x_seqs, int sms, int max_warps, int forced, F&& f) {
+  if (forced == 8 && max_warps >= 8) return f(std::integral_constant<int, 8>{});
+  if (forced >= 4) return f(std::integral_constant<int, 4>{});
+  if (forced == 2) return f(std::integral_constant<int, 2>{});
+  if (forced == 1) return f(std::integral_constant<int, 1>{});
   auto enough = [&](int nw) { return (V + 16 * nw - 1) / (16 * nw) * heads_x_seqs * 4 >= 3 * int64_t(sms); };
   if (max_warps >= 8 && enough(8)) return f(std::integral_constant<int, 8>{});
   if (max_warps >= 4 && enough(4)) return f(std::integral_constant<int, 4>{});
@@ -50,7 +55,7 @@ cudaError_t forward(FwdParams& p, int64_t slots, int64_t N, bool want_output, cu
     cudaError_t err = launch(wy_fwd_kernel<KP, T>, dim3(ns, H), WyFwdSmem<KP, T>::carve(nullptr, nullptr), p, stream);
     if (err != cudaSuccess) return err;
     if constexpr (KP <= 128) {
-      err = with_state_warps(p.V, H * N, p.sms, 4, [&](auto nw) {
+      err = with_state_warps(p.V, H * N, p.sms, 4, p.state_warps, [&](auto nw) {
         constexpr int NW = decltype(nw)::value;
         const unsigned nvw = static_cast<unsigned>((p.V + 16 * NW - 1) / (16 * NW));
         return launch(state_fwd_mma_kernel<KP, NW, T>, dim3(nvw, H, static_cast<unsigned>(N)),
@@ -78,7 +83,7 @@ cudaError_t backward(BwdParams& b, int64_t slots, int64_t N, cudaStream_t stream
       cudaError_t err = launch(local_dvn_kernel<KP, T>, dim3(ns, H), LocalDvnSmem<KP, T>::carve(nullptr, nullptr), b,
                                stream);
       if (err != cudaSuccess) return err;
-      err = with_state_warps(b.f.V, H * N, b.f.sms, 8, [&](auto nw) {
+      err = with_state_warps(b.f.V, H * N, b.f.sms, 8, b.f.state_warps, [&](auto nw) {
         constexpr int NW = decltype(nw)::value;
         const unsigned nvw = static_cast<unsigned>((b.f.V + 16 * NW - 1) / (16 * NW));
         return launch(state_bwd_mma_kernel<KP, NW, T>, dim3(nvw, H, static_cast<unsigned>(N)),

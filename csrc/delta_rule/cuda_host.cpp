@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <limits>
 
 #include "common/alloc.h"
@@ -25,6 +26,17 @@ bool use_kernels(const Tensor& q, int64_t chunk_size) {
 Elem elem(const Tensor& q) { return q.scalar_type() == at::kBFloat16 ? Elem::bf16 : Elem::f16; }
 
 bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// LINFLOW_STATE_WARPS=1|2|4|8 fixes the warps a block of the sequential state passes (a tuning knob for
+// benchmarks; unset or anything else: chosen from the problem size). Read once.
+int state_warps_override() {
+  static const int w = [] {
+    const char* e = std::getenv("LINFLOW_STATE_WARPS");
+    const int v = e ? std::atoi(e) : 0;
+    return (v == 1 || v == 2 || v == 4 || v == 8) ? v : 0;
+  }();
+  return w;
+}
 
 // Inputs converted for the kernels (contiguous q/k/v, fp32 beta/g/h0, int64 cu_seqlens) and the recomputation
 // buffers w, u, vn, h.
@@ -61,6 +73,7 @@ Prepared prepare(const Shapes& s, const Tensor& q, const Tensor& k, const Tensor
   p.vec_k = s.K % 8 == 0 && aligned16(r.q) && aligned16(r.k);
   p.vec_v = s.V % 8 == 0 && aligned16(r.v);
   p.sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  p.state_warps = state_warps_override();
   return r;
 }
 
