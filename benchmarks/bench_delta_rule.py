@@ -19,7 +19,6 @@ import importlib.machinery
 import re
 import signal
 import sys
-import tempfile
 import time
 import types
 from dataclasses import asdict, dataclass
@@ -241,34 +240,13 @@ def fla_decode(fla: dict, s: DecodeSet, gated: bool, l2: bool):
 
 
 # ------------------------------------------------------------------------------------------------------ runner
-class Runner:
+class Runner(hz.RowRunner):
     """Runs rows in order under a time budget; a failure becomes the row's note, never an exception."""
 
     def __init__(self, args, device, ceil: hz.Ceilings):
-        self.args, self.device, self.ceil = args, device, ceil
-        self.deadline = hz.Deadline(args.budget_s)
-        self.rows: list[dict] = []
+        super().__init__(args, device, ceil)
         self.decode_rows: list[dict] = []
         self.checks: dict = {}
-        self.cuda_broken: str | None = None
-        self.timing = dict(warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
-
-    def skip_reason(self) -> str | None:
-        if self.cuda_broken:
-            return "skipped: CUDA context broken earlier"
-        if self.deadline.expired():
-            return "skipped: time budget"
-        return None
-
-    def failure(self, exc: BaseException, refusable: bool) -> str:
-        text = hz.short_error(exc)
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
-            hz.free_memory(self.device)
-            return "OOM: " + text
-        if "CUDA error" in text or "illegal memory access" in text or "device-side assert" in text:
-            self.cuda_broken = text
-            return "error: " + text
-        return ("refused: " if refusable else "error: ") + text
 
     def train(self, impl: str, variant: str, shape: str, make_fn, x: Inputs, gated: bool, dims, refusable: bool,
               flops_fn, bytes_fn, check_against: torch.Tensor | None = None, keep_output: bool = False):
@@ -357,12 +335,10 @@ class Runner:
 # --------------------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer repetitions (warmup 10 ms, rep 40 ms)")
     p.add_argument("--shapes", help=f"comma list: BxT or names {', '.join(SHAPES)} (default: all three)")
     p.add_argument("--skip-fla", action="store_true", help="no fla rows")
     p.add_argument("--skip-sdpa", action="store_true", help="no softmax attention rows")
     p.add_argument("--skip-decode", action="store_true", help="no decode rows")
-    p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (checks the script; no fla)")
     p.add_argument("--l2norm", choices=("op", "pre"), default="op",
                    help="op: q,k L2-normalised inside the op on both sides (linflow use_qk_l2norm=True, fla "
                         "use_qk_l2norm_in_kernel=True); pre: keys normalised beforehand, flags off (default: op)")
@@ -370,17 +346,12 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=128, help="K = V")
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--decode-batch", type=int, default=64)
-    p.add_argument("--budget-s", type=float, default=None, help="skip the remaining rows after this many seconds")
-    p.add_argument("--results-dir", default=None, help="default benchmarks/results (a temp dir with --cpu-smoke)")
-    p.add_argument("--fla-root", default=str(REPO / ".fla"), help="folder holding fla/ (default .fla)")
+    hz.add_common_args(p, "tiny shapes on CPU (checks the script; no fla)", fla_root=REPO / ".fla")
     args = p.parse_args(argv)
-    args.warmup_ms, args.rep_ms = (10.0, 40.0) if args.quick else (25.0, 100.0)
+    hz.finish_common_args(args)
     if args.cpu_smoke:
         args.skip_fla = True
         args.heads, args.head_dim, args.decode_batch = 2, 32, 4
-        args.warmup_ms, args.rep_ms = 5.0, 20.0
-        if args.results_dir is None:
-            args.results_dir = tempfile.mkdtemp(prefix="linflow-bench-smoke-")
     args.shape_map = hz.parse_shapes(args.shapes, {"B2-T128": (2, 128)} if args.cpu_smoke else SHAPES, SHAPES)
     return args
 
@@ -388,13 +359,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, hz.interrupt)
-    if args.cpu_smoke:
-        device, dtype = torch.device("cpu"), torch.bfloat16
-    elif torch.cuda.is_available():
-        device, dtype = torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
-    else:
-        print("no CUDA device: use --cpu-smoke to check the script on CPU", flush=True)
+    if (picked := hz.pick_device(args)) is None:
         return 2
+    device, dtype = picked
     H, D, C = args.heads, args.head_dim, args.chunk_size
     env = hz.environment(device)
     notes: list[str] = []

@@ -20,7 +20,6 @@ import importlib.machinery
 import re
 import signal
 import sys
-import tempfile
 import time
 import types
 from dataclasses import asdict
@@ -162,25 +161,18 @@ def import_fla(root: Path):
 # --------------------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer repetitions (warmup 10 ms, rep 40 ms)")
     p.add_argument("--shapes", help=f"comma list: BxT or names {', '.join(SHAPES)} (default: both)")
     p.add_argument("--skip-fla", action="store_true", help="no fla rows")
     p.add_argument("--skip-sdpa", action="store_true", help="no softmax attention rows")
-    p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (checks the script; no fla)")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--chunk-size", type=int, default=64, help="linflow chunk_size (16, 32, 64)")
-    p.add_argument("--budget-s", type=float, default=None, help="skip the remaining rows after this many seconds")
-    p.add_argument("--results-dir", default=None, help="default benchmarks/results (a temp dir with --cpu-smoke)")
-    p.add_argument("--fla-root", default=str(REPO / ".fla"), help="folder holding fla/ (default .fla)")
+    hz.add_common_args(p, "tiny shapes on CPU (checks the script; no fla)", fla_root=REPO / ".fla")
     args = p.parse_args(argv)
-    args.warmup_ms, args.rep_ms = (10.0, 40.0) if args.quick else (25.0, 100.0)
+    hz.finish_common_args(args)
     if args.cpu_smoke:
         args.skip_fla = True
         args.heads, args.head_dim = 2, 32
-        args.warmup_ms, args.rep_ms = 5.0, 20.0
-        if args.results_dir is None:
-            args.results_dir = tempfile.mkdtemp(prefix="linflow-bench-smoke-")
     args.shape_map = hz.parse_shapes(args.shapes, {"B2-T128": (2, 128)} if args.cpu_smoke else SHAPES, SHAPES)
     return args
 
@@ -188,13 +180,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, hz.interrupt)
-    if args.cpu_smoke:
-        device, dtype = torch.device("cpu"), torch.bfloat16
-    elif torch.cuda.is_available():
-        device, dtype = torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
-    else:
-        print("no CUDA device: use --cpu-smoke to check the script on CPU", flush=True)
+    if (picked := hz.pick_device(args)) is None:
         return 2
+    device, dtype = picked
     H, D, C = args.heads, args.head_dim, args.chunk_size
     env = hz.environment(device)
     notes: list[str] = []

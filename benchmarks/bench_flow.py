@@ -24,7 +24,6 @@ import argparse
 import math
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -147,30 +146,23 @@ def import_fla(root: Path):
 # --------------------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer repetitions (warmup 10 ms, rep 40 ms)")
     p.add_argument("--sections", default="a,b,c", help="comma list of a, b, c (default: all)")
     p.add_argument("--skip-fla", action="store_true", help="no fla rows")
     p.add_argument("--skip-bwd-sweep", action="store_true", help="section c: forward only")
     p.add_argument("--rank-scan", choices=("sequential", "parallel"), default="sequential",
                    help="scan of the section-b rows (B8·H16 fills the GPU: sequential by default)")
     p.add_argument("--sweep-T", default=None, help="section c: comma list of T (default 16384,…,262144)")
-    p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (checks the script; no fla)")
     p.add_argument("--head-dim", type=int, default=128, help="K = V")
-    p.add_argument("--budget-s", type=float, default=None, help="skip the remaining rows after this many seconds")
-    p.add_argument("--results-dir", default=None, help="default benchmarks/results (a temp dir with --cpu-smoke)")
-    p.add_argument("--fla-root", default=str(REPO / ".fla"), help="folder holding fla/ (default .fla)")
+    hz.add_common_args(p, "tiny shapes on CPU (checks the script; no fla)", fla_root=REPO / ".fla")
     args = p.parse_args(argv)
-    args.warmup_ms, args.rep_ms = (10.0, 40.0) if args.quick else (25.0, 100.0)
+    hz.finish_common_args(args)
     args.sections = {s.strip().lower() for s in args.sections.split(",") if s.strip()}
     args.a_shapes, args.b_shape, args.c_ts, args.c_bh = dict(A_SHAPES), B_SHAPE, C_TS, C_BH
     if args.cpu_smoke:
         args.skip_fla = True
         args.head_dim = 32
-        args.warmup_ms, args.rep_ms = 5.0, 20.0
         args.a_shapes = {"B1-H2-T256": (1, 2, 256)}
         args.b_shape, args.c_ts, args.c_bh = (2, 128, 2), (64, 128, 256), (1, 2)
-        if args.results_dir is None:
-            args.results_dir = tempfile.mkdtemp(prefix="linflow-bench-smoke-")
     if args.sweep_T:
         args.c_ts = tuple(int(t) for t in args.sweep_T.split(",") if t.strip())
     return args
@@ -179,13 +171,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, hz.interrupt)
-    if args.cpu_smoke:
-        device, dtype = torch.device("cpu"), torch.bfloat16
-    elif torch.cuda.is_available():
-        device, dtype = torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
-    else:
-        print("no CUDA device: use --cpu-smoke to check the script on CPU", flush=True)
+    if (picked := hz.pick_device(args)) is None:
         return 2
+    device, dtype = picked
     D = args.head_dim
     env = hz.environment(device)
     notes: list[str] = []

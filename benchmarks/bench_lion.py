@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -201,32 +200,8 @@ def naive_bytes_needed(B, H, T, decay, mode) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ runner
-class Runner:
+class Runner(hz.RowRunner):
     """Runs rows in order under a time budget; a failure becomes the row's note, never an exception."""
-
-    def __init__(self, args, device, ceil: hz.Ceilings):
-        self.args, self.device, self.ceil = args, device, ceil
-        self.deadline = hz.Deadline(args.budget_s)
-        self.rows: list[dict] = []
-        self.cuda_broken: str | None = None
-        self.timing = dict(warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
-
-    def skip_reason(self) -> str | None:
-        if self.cuda_broken:
-            return "skipped: CUDA context broken earlier"
-        if self.deadline.expired():
-            return "skipped: time budget"
-        return None
-
-    def failure(self, exc: BaseException, refusable: bool) -> str:
-        text = hz.short_error(exc)
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
-            hz.free_memory(self.device)
-            return "OOM: " + text
-        if "CUDA error" in text or "illegal memory access" in text or "device-side assert" in text:
-            self.cuda_broken = text
-            return "error: " + text
-        return ("refused: " if refusable else "error: ") + text
 
     def note_rows(self, section, variant, shape, impl, note, passes=PASSES):
         rows = {p: dict(section=section, variant=variant, shape=shape, impl=impl, note=note, **{"pass": p})
@@ -286,7 +261,6 @@ class Runner:
 # --------------------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer repetitions (warmup 10 ms, rep 40 ms)")
     p.add_argument("--shapes", help=f"comma list: BxT or names {', '.join(SHAPES)} (default: both)")
     p.add_argument("--decays", default="none,fixed,selective", help="comma list of none, fixed, selective")
     p.add_argument("--skip-sdpa", action="store_true", help="no softmax attention rows")
@@ -296,14 +270,12 @@ def parse_args(argv=None):
     p.add_argument("--skip-scaling", action="store_true", help="no time-vs-T rows")
     p.add_argument("--naive-max-gib", type=float, default=None,
                    help="skip the naive form when its estimated peak exceeds this (default: 85%% of free memory)")
-    p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (checks the script)")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--head-dim", type=int, default=128, help="K = V")
     p.add_argument("--chunk-size", type=int, default=64)
-    p.add_argument("--budget-s", type=float, default=None, help="skip the remaining rows after this many seconds")
-    p.add_argument("--results-dir", default=None, help="default benchmarks/results (a temp dir with --cpu-smoke)")
+    hz.add_common_args(p, "tiny shapes on CPU (checks the script)")
     args = p.parse_args(argv)
-    args.warmup_ms, args.rep_ms = (10.0, 40.0) if args.quick else (25.0, 100.0)
+    hz.finish_common_args(args)
     args.decay_list = [d for d in (s.strip() for s in args.decays.split(",")) if d]
     bad = [d for d in args.decay_list if d not in DECAYS.values()]
     if bad:
@@ -311,10 +283,7 @@ def parse_args(argv=None):
     args.scaling_tokens, args.scaling_ts = SCALING_TOKENS, SCALING_TS
     if args.cpu_smoke:
         args.heads, args.head_dim, args.chunk_size = 2, 32, 16
-        args.warmup_ms, args.rep_ms = 5.0, 20.0
         args.scaling_tokens, args.scaling_ts = 256, (32, 64, 128, 256)
-        if args.results_dir is None:
-            args.results_dir = tempfile.mkdtemp(prefix="linflow-bench-smoke-")
     args.shape_map = hz.parse_shapes(args.shapes, {"B2-T128": (2, 128)} if args.cpu_smoke else SHAPES, SHAPES)
     return args
 
@@ -322,13 +291,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, hz.interrupt)
-    if args.cpu_smoke:
-        device, dtype = torch.device("cpu"), torch.bfloat16
-    elif torch.cuda.is_available():
-        device, dtype = torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
-    else:
-        print("no CUDA device: use --cpu-smoke to check the script on CPU", flush=True)
+    if (picked := hz.pick_device(args)) is None:
         return 2
+    device, dtype = picked
     H, D, C = args.heads, args.head_dim, args.chunk_size
     smoke = args.cpu_smoke
     env = hz.environment(device)

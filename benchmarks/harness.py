@@ -71,6 +71,35 @@ class Deadline:
         return self.left() <= 0
 
 
+class RowRunner:
+    """What every benchmark's row runner shares: the time budget, the rows measured so far, and how a failure
+    becomes a row's note (never an exception). A CUDA error breaks the context: later rows are skipped."""
+
+    def __init__(self, args, device, ceil: "Ceilings"):
+        self.args, self.device, self.ceil = args, device, ceil
+        self.deadline = Deadline(args.budget_s)
+        self.rows: list[dict] = []
+        self.cuda_broken: str | None = None
+        self.timing = dict(warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+
+    def skip_reason(self) -> str | None:
+        if self.cuda_broken:
+            return "skipped: CUDA context broken earlier"
+        if self.deadline.expired():
+            return "skipped: time budget"
+        return None
+
+    def failure(self, exc: BaseException, refusable: bool) -> str:
+        text = short_error(exc)
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            free_memory(self.device)
+            return "OOM: " + text
+        if "CUDA error" in text or "illegal memory access" in text or "device-side assert" in text:
+            self.cuda_broken = text
+            return "error: " + text
+        return ("refused: " if refusable else "error: ") + text
+
+
 def short_error(exc: BaseException, limit: int = 220) -> str:
     """One line: exception type and the first line(s) of its message."""
     msg = " ".join(str(exc).split())
@@ -477,6 +506,37 @@ def interrupt(signum, frame):
 
 def raise_(message: str):
     raise RuntimeError(message)
+
+
+def add_common_args(p, smoke_help: str = "tiny shapes on CPU (checks the script; no fla)", fla_root=None) -> None:
+    """The options every benchmark takes: --quick, --cpu-smoke, --budget-s, --results-dir (and --fla-root)."""
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (warmup 10 ms, rep 40 ms)")
+    p.add_argument("--cpu-smoke", action="store_true", help=smoke_help)
+    p.add_argument("--budget-s", type=float, default=None, help="skip the remaining rows after this many seconds")
+    p.add_argument("--results-dir", default=None, help="default benchmarks/results (a temp dir with --cpu-smoke)")
+    if fla_root is not None:
+        p.add_argument("--fla-root", default=str(fla_root), help="folder holding fla/ (default .fla)")
+
+
+def finish_common_args(args) -> None:
+    """Repetition times from --quick / --cpu-smoke; a --cpu-smoke run writes its results to a temp dir."""
+    args.warmup_ms, args.rep_ms = (10.0, 40.0) if args.quick else (25.0, 100.0)
+    if args.cpu_smoke:
+        args.warmup_ms, args.rep_ms = 5.0, 20.0
+        if args.results_dir is None:
+            import tempfile
+
+            args.results_dir = tempfile.mkdtemp(prefix="linflow-bench-smoke-")
+
+
+def pick_device(args) -> tuple[torch.device, torch.dtype] | None:
+    """CPU for --cpu-smoke, else the current CUDA device (bf16); None (with a message) when there is none."""
+    if args.cpu_smoke:
+        return torch.device("cpu"), torch.bfloat16
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
+    print("no CUDA device: use --cpu-smoke to check the script on CPU", flush=True)
+    return None
 
 
 def parse_shapes(text: str | None, default: dict, named: dict) -> dict:
