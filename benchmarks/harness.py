@@ -18,6 +18,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -524,8 +525,6 @@ def finish_common_args(args) -> None:
     if args.cpu_smoke:
         args.warmup_ms, args.rep_ms = 5.0, 20.0
         if args.results_dir is None:
-            import tempfile
-
             args.results_dir = tempfile.mkdtemp(prefix="linflow-bench-smoke-")
 
 

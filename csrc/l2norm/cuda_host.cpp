@@ -42,11 +42,8 @@ std::tuple<Tensor, Tensor> fwd_cuda(const Tensor& x, double eps) {
 }
 
 Tensor bwd_cuda(const Tensor& grad_y, const Tensor& x, const Tensor& rstd) {
-  check_x("l2norm_bwd", x);
+  check_bwd(grad_y, x, rstd);
   if (!kernel_takes(x) || rstd.scalar_type() != at::kFloat) return bwd_aten(grad_y, x, rstd);
-  check_float_tensor("l2norm_bwd", "grad_y", grad_y, x.sizes(), x.device());
-  std::vector<int64_t> rows_shape(x.sizes().begin(), x.sizes().end() - 1);
-  check_float_tensor("l2norm_bwd", "rstd", rstd, rows_shape, x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor xc = x.contiguous(), dyc = grad_y.to(x.scalar_type()).contiguous(), rc = rstd.contiguous();
   Tensor dx = new_output(x.sizes(), x.options());

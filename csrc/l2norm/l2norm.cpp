@@ -27,11 +27,15 @@ std::tuple<Tensor, Tensor> fwd_aten(const Tensor& x, double eps) {
   return {(xf * r.unsqueeze(-1)).to(x.scalar_type()), r};
 }
 
-Tensor bwd_aten(const Tensor& grad_y, const Tensor& x, const Tensor& rstd) {
+void check_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& rstd) {
   check_x("l2norm_bwd", x);
   check_float_tensor("l2norm_bwd", "grad_y", grad_y, x.sizes(), x.device());
   std::vector<int64_t> rows(x.sizes().begin(), x.sizes().end() - 1);
   check_float_tensor("l2norm_bwd", "rstd", rstd, rows, x.device());
+}
+
+Tensor bwd_aten(const Tensor& grad_y, const Tensor& x, const Tensor& rstd) {
+  check_bwd(grad_y, x, rstd);
   const Tensor r = rstd.to(acc_type(x)).unsqueeze(-1);
   const Tensor y = x.to(acc_type(x)) * r, dy = grad_y.to(acc_type(x));
   return (r * (dy - y * (dy * y).sum(-1, true))).to(x.scalar_type());

@@ -10,6 +10,9 @@ namespace linflow::l2norm {
 // Validates x (float, rank >= 1, last dim 1..kMaxDim on the kernel path) and returns the row length.
 int64_t check_x(const char* op, const at::Tensor& x);
 
+// Validates the backward's arguments against x (grad_y like x, rstd of x's rows).
+void check_bwd(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& rstd);
+
 std::tuple<at::Tensor, at::Tensor> fwd_aten(const at::Tensor& x, double eps);
 at::Tensor bwd_aten(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& rstd);
 

@@ -25,7 +25,7 @@ _fwd = torch.ops.linflow.flow_fwd
 CHUNK = 64
 
 
-def segments_per_sequence(n_seq: int, H: int, T: int, device: torch.device, segment: int | None) -> int:
+def segment_length(n_seq: int, H: int, T: int, device: torch.device, segment: int | None) -> int:
     """Tokens per segment (a multiple of the chunk): ``segment`` if given; else on CUDA about four independent
     (segment, head) passes per multiprocessor, on CPU 8 segments a sequence."""
     if segment is not None:
@@ -54,7 +54,7 @@ def flow_segment_scan(q, k, v, beta, g, initial_state, cu_seqlens, scale: float,
         offs = [int(x) for x in cu_seqlens.tolist()]  # one host read: the segments depend on the lengths
         bounds = list(zip(offs[:-1], offs[1:]))
     N = len(bounds)
-    L = segments_per_sequence(N, H, max((e - s for s, e in bounds), default=0), dev, segment)
+    L = segment_length(N, H, max((e - s for s, e in bounds), default=0), dev, segment)
     seg_start, seg_seq, seg_idx = [], [], []
     for n, (s, e) in enumerate(bounds):
         for i, t0 in enumerate(range(s, e, L)):
@@ -74,7 +74,8 @@ def flow_segment_scan(q, k, v, beta, g, initial_state, cu_seqlens, scale: float,
     gp = g.reshape(1, total, H) if g is not None else None
 
     # 1. every segment's affine map: final state of [0 | v] from [I | 0]
-    eye = torch.eye(K, device=dev, dtype=state_dtype).expand(S, H, K, K)
+    ident = torch.eye(K, device=dev, dtype=state_dtype)
+    eye = ident.expand(S, H, K, K)
     if K + V <= 256:
         v_aug = torch.cat([vp.new_zeros(1, total, R, H, K), vp], dim=-1)
         h_aug = torch.cat([eye, eye.new_zeros(S, H, K, V)], dim=-1)
@@ -90,7 +91,7 @@ def flow_segment_scan(q, k, v, beta, g, initial_state, cu_seqlens, scale: float,
     # index lists come from the host (no device-to-host read).
     m = max(seg_idx) + 1
     flat = torch.tensor([seg_seq[j] * m + seg_idx[j] for j in range(S)], device=dev, dtype=torch.int64)
-    P = torch.eye(K, device=dev, dtype=state_dtype).expand(N * m, H, K, K).index_copy(0, flat, A)
+    P = ident.expand(N * m, H, K, K).index_copy(0, flat, A)
     Q = torch.zeros(N * m, H, K, V, device=dev, dtype=state_dtype).index_copy(0, flat, Bm)
     P, Q = P.view(N, m, H, K, K), Q.view(N, m, H, K, V)
     d = 1
