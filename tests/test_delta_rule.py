@@ -176,11 +176,18 @@ def test_parallel_scan_equals_sequential(device, dtype):
                                                              scan=scan), leaves(inputs), do, dht)
             for scan in ("sequential", "parallel")]
     (so, sht, sgrads), (po, pht, pgrads) = runs
+    ro, rht, rgrads = values_and_grads(lambda **x: delta_rule_ref(**{n: t.double() for n, t in x.items()},
+                                                                  use_qk_l2norm=True),
+                                       leaves(inputs), do.double(), dht.double())
     tol = 1e-10 if dtype == torch.float64 else 2e-4
+    ref_tol = TOL[(device, dtype)]
     assert_rel_close(po, so, tol, "o")
     assert_rel_close(pht, sht, tol, "final_state")
+    assert_rel_close(po, ro, ref_tol, "o vs reference")
+    assert_rel_close(pht, rht, ref_tol, "final_state vs reference")
     for name in sgrads:
         assert_rel_close(pgrads[name], sgrads[name], tol, f"d{name}")
+        assert_rel_close(pgrads[name], rgrads[name], ref_tol, f"d{name} vs reference")
 
 
 def test_scan_choice_is_checked():

@@ -154,10 +154,14 @@ def test_segment_scan_varlen_equals_sequential(form, segment):
                                                    segment=segment)
     o, ht, grads = values_and_grads(run("sequential"), leaves(inputs), do, dht)
     po, pht, pgrads = values_and_grads(run("parallel"), leaves(inputs), do, dht)
+    ro, rht, rgrads = values_and_grads(lambda **a: flow_ref(**a, form=form, cu_seqlens=cu), leaves(inputs), do, dht)
     assert_rel_close(po, o, 1e-12, "o")
     assert_rel_close(pht, ht, 1e-12, "final_state")
+    assert_rel_close(po, ro, 1e-10, "o vs reference")
+    assert_rel_close(pht, rht, 1e-10, "final_state vs reference")
     for name in grads:
         assert_rel_close(pgrads[name], grads[name], 1e-12, f"d{name}")
+        assert_rel_close(pgrads[name], rgrads[name], 1e-10, f"d{name} vs reference")
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
