@@ -13,7 +13,7 @@ bf16, K=V=128, q and k L2-normalised inside the op on every side (use_qk_l2norm 
   (b) product form, rank 1, 2, 4 at B8·T4096·H16, gated (g given, fla's DeltaProduct is gated), fwd and fwd+bwd:
       ours at rank R vs ours at rank 1 (goal: ≤ R×) and fla chunk_gated_delta_product (num_householder=R; known to
       refuse on Hopper with some Triton versions: its rows then say "refused: <reason>").
-  (c) time vs T (B1·H4, T 16K…256K), parallel vs sequential scan, fwd and fwd+bwd: a log-log PNG and a
+  (c) time vs T (B1·H4 or --sweep-BH, T 16K…256K or --sweep-T), parallel vs sequential scan, fwd and fwd+bwd: a log-log PNG and a
       "crossover" line (the smallest T at which parallel beats sequential) — this decides scan="auto".
 ms / TFLOP/s / GB/s as % of the ceilings measured in this process, peak memory of fwd+bwd; JSON + PNG under
 benchmarks/results/ and $OUT (flow.json/png: sections a, b; flow_scan.json/png: section c). Never asserts.
@@ -152,6 +152,7 @@ def parse_args(argv=None):
     p.add_argument("--rank-scan", choices=("sequential", "parallel"), default="sequential",
                    help="scan of the section-b rows (B8·H16 fills the GPU: sequential by default)")
     p.add_argument("--sweep-T", default=None, help="section c: comma list of T (default 16384,…,262144)")
+    p.add_argument("--sweep-BH", default=None, help="section c: batch and heads as BxH (default 1x4)")
     p.add_argument("--head-dim", type=int, default=128, help="K = V")
     hz.add_common_args(p, "tiny shapes on CPU (checks the script; no fla)", fla_root=REPO / ".fla")
     args = p.parse_args(argv)
@@ -165,6 +166,8 @@ def parse_args(argv=None):
         args.b_shape, args.c_ts, args.c_bh = (2, 128, 2), (64, 128, 256), (1, 2)
     if args.sweep_T:
         args.c_ts = tuple(int(t) for t in args.sweep_T.split(",") if t.strip())
+    if args.sweep_BH:
+        args.c_bh = tuple(int(x) for x in args.sweep_BH.lower().split("x"))
     return args
 
 

@@ -103,6 +103,18 @@ template <int ROWS, int COLS, typename T, int NT = kThreads>
 __device__ __forceinline__ void fetch_tile(T* dst, const T* src, int64_t row_stride, int rows, int cols, bool vec) {
   if (!vec) return load_tile<ROWS, COLS>(dst, src, row_stride, rows, cols, false);
   constexpr int LD = ld_h(COLS), V8 = COLS / 8;
+  if constexpr (NT % V8 == 0 && ROWS % (NT / V8) == 0) {
+    if (rows == ROWS && cols == COLS) {  // full tile (block-uniform): fixed column, pointers step by constant rows
+      constexpr int STEP = NT / V8;
+      const int r0 = threadIdx.x / V8, c = (threadIdx.x % V8) * 8;
+      const T* s = src + r0 * row_stride + c;
+      const int64_t s_step = STEP * row_stride;
+      T* d = dst + r0 * LD + c;
+#pragma unroll
+      for (int k = 0; k < ROWS / STEP; ++k, s += s_step) cp_async16(d + k * STEP * LD, s, true);
+      return;
+    }
+  }
   for (int i = threadIdx.x; i < ROWS * V8; i += NT) {
     const int r = i / V8, c = (i % V8) * 8;
     const bool valid = r < rows && c < cols;

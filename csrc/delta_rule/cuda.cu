@@ -23,19 +23,18 @@ cudaError_t launch(Kernel kernel, dim3 grid, size_t smem, const Params& p, cudaS
   return cudaGetLastError();
 }
 
-// Warps per block of the register-state passes (a block owns 16 columns a warp): the widest block that still
-// gives about one block per multiprocessor; narrower blocks when (sequences x heads) is small, for parallelism.
+// Warps per block of the register-state passes (a block owns 16 value columns a warp): the widest block that V fills.
+// Measured on the H100 (B1 T65536 H16 K=V=128, bf16): 4-warp blocks (32 blocks) beat 1-warp blocks (128 blocks),
+// fwd 7.90 -> 6.56 ms, fwd+bwd 28.9 -> 25.1 ms: a chunk step is bound by one warp's instruction issue, and a wider
+// block splits the chunk's tile loads between its warps, so it finishes each step sooner even with fewer blocks.
 // `forced` (FwdParams::state_warps, from LINFLOW_STATE_WARPS) overrides the rule, for tuning experiments.
 template <typename F>
-cudaError_t with_state_warps(int64_t V, int64_t heads_x_seqs, int sms, int max_warps, int forced, F&& f) {
-  if (forced == 8 && max_warps >= 8) return f(std::integral_constant<int, 8>{});
-  if (forced >= 4) return f(std::integral_constant<int, 4>{});
-  if (forced == 2) return f(std::integral_constant<int, 2>{});
-  if (forced == 1) return f(std::integral_constant<int, 1>{});
-  auto enough = [&](int nw) { return (V + 16 * nw - 1) / (16 * nw) * heads_x_seqs * 4 >= 3 * int64_t(sms); };
-  if (max_warps >= 8 && enough(8)) return f(std::integral_constant<int, 8>{});
-  if (max_warps >= 4 && enough(4)) return f(std::integral_constant<int, 4>{});
-  if (enough(2)) return f(std::integral_constant<int, 2>{});
+cudaError_t with_state_warps(int64_t V, int max_warps, int forced, F&& f) {
+  int nw = forced > 0 ? forced : max_warps;
+  while (nw > 1 && forced <= 0 && 16 * (nw / 2) >= V) nw /= 2;  // no warp without columns
+  if (nw >= 8 && max_warps >= 8) return f(std::integral_constant<int, 8>{});
+  if (nw >= 4) return f(std::integral_constant<int, 4>{});
+  if (nw == 2) return f(std::integral_constant<int, 2>{});
   return f(std::integral_constant<int, 1>{});
 }
 
@@ -55,7 +54,7 @@ cudaError_t forward(FwdParams& p, int64_t slots, int64_t N, bool want_output, cu
     cudaError_t err = launch(wy_fwd_kernel<KP, T>, dim3(ns, H), WyFwdSmem<KP, T>::carve(nullptr, nullptr), p, stream);
     if (err != cudaSuccess) return err;
     if constexpr (KP <= 128) {
-      err = with_state_warps(p.V, H * N, p.sms, 4, p.state_warps, [&](auto nw) {
+      err = with_state_warps(p.V, 4, p.state_warps, [&](auto nw) {
         constexpr int NW = decltype(nw)::value;
         const unsigned nvw = static_cast<unsigned>((p.V + 16 * NW - 1) / (16 * NW));
         return launch(state_fwd_mma_kernel<KP, NW, T>, dim3(nvw, H, static_cast<unsigned>(N)),
@@ -83,7 +82,7 @@ cudaError_t backward(BwdParams& b, int64_t slots, int64_t N, cudaStream_t stream
       cudaError_t err = launch(local_dvn_kernel<KP, T>, dim3(ns, H), LocalDvnSmem<KP, T>::carve(nullptr, nullptr), b,
                                stream);
       if (err != cudaSuccess) return err;
-      err = with_state_warps(b.f.V, H * N, b.f.sms, 8, b.f.state_warps, [&](auto nw) {
+      err = with_state_warps(b.f.V, 8, b.f.state_warps, [&](auto nw) {
         constexpr int NW = decltype(nw)::value;
         const unsigned nvw = static_cast<unsigned>((b.f.V + 16 * NW - 1) / (16 * NW));
         return launch(state_bwd_mma_kernel<KP, NW, T>, dim3(nvw, H, static_cast<unsigned>(N)),

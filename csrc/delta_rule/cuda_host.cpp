@@ -28,7 +28,7 @@ Elem elem(const Tensor& q) { return q.scalar_type() == at::kBFloat16 ? Elem::bf1
 bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 // LINFLOW_STATE_WARPS=1|2|4|8 fixes the warps a block of the sequential state passes (a tuning knob for
-// benchmarks; unset or anything else: chosen from the problem size). Read once.
+// benchmarks; unset or anything else: the widest block the value columns fill). Read once.
 int state_warps_override() {
   static const int w = [] {
     const char* e = std::getenv("LINFLOW_STATE_WARPS");
@@ -72,7 +72,6 @@ Prepared prepare(const Shapes& s, const Tensor& q, const Tensor& k, const Tensor
   p.scale = static_cast<float>(scale);
   p.vec_k = s.K % 8 == 0 && aligned16(r.q) && aligned16(r.k);
   p.vec_v = s.V % 8 == 0 && aligned16(r.v);
-  p.sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   p.state_warps = state_warps_override();
   return r;
 }

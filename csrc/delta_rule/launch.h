@@ -23,7 +23,6 @@ struct FwdParams {
   int H, K, V;
   float scale;
   bool vec_k, vec_v;           // 16-byte loads allowed along K / V
-  int sms;                     // multiprocessors of the device (sizes the sequential passes' blocks)
   int state_warps;             // warps a block of the sequential passes: 0 = chosen from the problem size
 };
 
