@@ -180,8 +180,27 @@ def test_segment_scan_cuda_bf16_matches_sequential(form):
         assert_rel_close(pgrads[name], grads[name], grad_tol, f"d{name}")
 
 
+def test_auto_scan_rule():
+    """scan="auto" decides from shapes alone: the segment scan only on CUDA for few (sequence, head) pairs of long
+    sequences (cu_seqlens: its shape, never its values)."""
+    from linflow.ops.scan import AUTO_MAX_SEQ_HEADS as MAX_NH, AUTO_MIN_TOKENS as MIN_T, resolve_scan
+
+    class Shaped:  # shape and device of q, without allocating a long tensor
+        def __init__(self, B, T, H, cuda=True):
+            self.shape, self.is_cuda = (B, T, H, 128), cuda
+
+    assert resolve_scan("auto", Shaped(1, MIN_T, MAX_NH), None) == "parallel"
+    assert resolve_scan("auto", Shaped(1, MIN_T, MAX_NH, cuda=False), None) == "sequential"
+    assert resolve_scan("auto", Shaped(1, MIN_T, 2 * MAX_NH), None) == "sequential"
+    assert resolve_scan("auto", Shaped(1, MIN_T - 1, 1), None) == "sequential"
+    assert resolve_scan("auto", Shaped(1, 2 * MIN_T, 1), torch.zeros(3)) == "parallel"  # 2 sequences, mean MIN_T
+    assert resolve_scan("auto", Shaped(1, 2 * MIN_T, 1), torch.zeros(4)) == "sequential"
+    assert resolve_scan("sequential", Shaped(1, MIN_T, 1), None) == "sequential"
+    assert resolve_scan("parallel", Shaped(64, 64, 64), None) == "parallel"
+
+
 @pytest.mark.parametrize("form", FORMS)
-def test_auto_scan_is_sequential(form):
+def test_auto_scan_is_sequential_on_cpu(form):
     case = Case(T=70, R=2, form=form)
     inputs, _, _ = case_inputs(case, torch.float32, "cpu")
     a, _ = run_op(case, scan="auto")(**inputs)

@@ -124,13 +124,17 @@ def delta_rule(
         chunk_size: 16, 32 or 64.
         scan: the state pass: ``"sequential"`` (loop over chunks), ``"parallel"`` (prefix scan over the chunks'
             affine maps, equal up to rounding: the rank-1 case of :func:`linflow.flow_delta_rule`, chunk size 64)
-            or ``"auto"`` (sequential until the crossover is measured on the GPU).
+            or ``"auto"`` (parallel for a few long sequences on CUDA: :func:`linflow.ops.scan.resolve_scan`).
 
     Returns:
         ``(o, final_state)``: ``o`` is ``[B, T, H, V]`` in q's dtype; ``final_state`` is None unless requested.
     """
     if scan not in ("sequential", "parallel", "auto"):
         raise ValueError(f'delta_rule: scan must be "sequential", "parallel" or "auto", got {scan!r}')
+    if scan == "auto":
+        from linflow.ops.scan import resolve_scan
+
+        scan = resolve_scan(scan, q, cu_seqlens) if chunk_size == 64 else "sequential"
     if scan == "parallel":
         if chunk_size != 64:
             raise ValueError(f"delta_rule: scan=\"parallel\" runs chunks of 64 tokens, got chunk_size={chunk_size}")

@@ -16,8 +16,8 @@ ops run this device-generic ATen form until dedicated kernels land.
 ``scan="parallel"`` replaces the loop over all chunks by the segment scan of :mod:`linflow.ops.scan` (built from
 this op: every segment's affine map at once, a short scan over segments, every segment's outputs at once; autograd
 differentiates the composition). The op itself also takes ``scan="parallel"``: a log-depth prefix scan over every
-chunk's map in ATen (CPU-oriented). ``scan="auto"`` is the sequential loop for now: the crossover will be measured
-on the GPU.
+chunk's map in ATen (CPU-oriented). ``scan="auto"`` picks the segment scan for a few long sequences on CUDA
+(:func:`linflow.ops.scan.resolve_scan`, thresholds from H100 measurements) and the sequential loop otherwise.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch
 
 from linflow import _C_loader  # noqa: F401  (registers the ops)
 from linflow.ops.delta_rule import _contiguous, _state_dtype, l2norm
-from linflow.ops.scan import flow_segment_scan
+from linflow.ops.scan import flow_segment_scan, resolve_scan
 
 _fwd = torch.ops.linflow.flow_fwd
 _bwd = torch.ops.linflow.flow_bwd
@@ -107,8 +107,8 @@ def flow_delta_rule(
         use_qk_l2norm: L2-normalise q and k over K inside the op (gradients flow through the norm).
         scan: ``"sequential"`` (loop over chunks), ``"parallel"`` (segment scan, :mod:`linflow.ops.scan`: every
             segment's affine map at once, a short scan over segments, then every segment's outputs at once; equal
-            up to rounding; with ``cu_seqlens`` it reads the lengths on the host) or ``"auto"`` (sequential for
-            now; the crossover will be measured on the GPU).
+            up to rounding; with ``cu_seqlens`` it reads the lengths on the host) or ``"auto"`` (parallel on CUDA
+            for a few long sequences, see :func:`linflow.ops.scan.resolve_scan`; decided from shapes alone).
         segment: tokens per segment of the parallel scan (rounded up to a multiple of 64); default: sized to fill
             the device.
 
@@ -122,6 +122,7 @@ def flow_delta_rule(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     q, k, v, beta, g, initial_state = map(_contiguous, (q, k, v, beta, g, initial_state))
+    scan = resolve_scan(scan, q, cu_seqlens)
     if scan == "parallel":
         o, ht = flow_segment_scan(q, k, v, beta, g, initial_state, cu_seqlens, float(scale), bool(output_final_state),
                                   form, segment)
