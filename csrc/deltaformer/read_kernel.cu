@@ -54,10 +54,10 @@ __global__ void __launch_bounds__(kThreads) read_fwd_kernel(ReadFwdParams p) {
   T* Qs = reinterpret_cast<T*>(smem);
   T* const Ks[2] = {Qs + S::kQ, Qs + S::kQ + S::kK};
   T* const Us[2] = {Qs + S::kQ + 2 * S::kK, Qs + S::kQ + 2 * S::kK + S::kU};
-  const int h = blockIdx.x, hk = h / (p.H / p.Hkv);
+  const int h = blockIdx.x % p.H, hk = h / (p.H / p.Hkv);  // block = (head fastest, tile last-first)
   int n;
   int64_t c, bos, len;
-  if (!p.seq.locate(static_cast<int64_t>(gridDim.y) - 1 - blockIdx.y, n, c, bos, len)) return;
+  if (!p.seq.locate(static_cast<int64_t>(gridDim.x / p.H) - 1 - blockIdx.x / p.H, n, c, bos, len)) return;
   const int rows = static_cast<int>(min(static_cast<int64_t>(C), len - c * C));
   const int64_t H = p.H, Hkv = p.Hkv, K = p.K, V = p.V, tok0 = bos + c * C;
   const T* kseq = static_cast<const T*>(p.k) + (bos * Hkv + hk) * K;  // key j of the sequence: + j Hkv K
@@ -173,7 +173,7 @@ __global__ void __launch_bounds__(256) read_drow_kernel(ReadBwdParams b, int64_t
 // 16w..16w+15; per query tile (Q, dO, lse, Drow through shared memory, K and U resident):
 //   P^T = exp(s K Q^T - lse) (masked: key > query, query past the sequence)   dU += P^T dO
 //   dS^T = P^T o (U dO^T - Drow)                                               dK += dS^T Q
-//   dS^T -> shared memory; warp w: dQ rows 16w.. += s dS K (32 columns at a time, fp32 atomics into dq).
+//   dS^T -> shared memory; warp w: dQ rows 16w.. += s dS K (16 columns at a time, fp32 atomics into dq).
 template <int KP, int VP, typename T>
 struct BwdSmem {
   static constexpr int kK = C * ld_h(KP), kU = C * ld_h(VP), kS = C * ld_h(C);
@@ -193,10 +193,10 @@ __global__ void __launch_bounds__(kThreads) read_bwd_kernel(ReadBwdParams b) {
   T* dSs = dOs + Sm::kU;
   float* lse_s = reinterpret_cast<float*>(dSs + Sm::kS);
   float* drow_s = lse_s + C;
-  const int hk = blockIdx.x, G = p.H / p.Hkv;
+  const int hk = blockIdx.x % p.Hkv, G = p.H / p.Hkv;  // block = (KV head fastest, key tile)
   int n;
   int64_t c, bos, len;
-  if (!p.seq.locate(blockIdx.y, n, c, bos, len)) return;
+  if (!p.seq.locate(blockIdx.x / p.Hkv, n, c, bos, len)) return;
   const int krows = static_cast<int>(min(static_cast<int64_t>(C), len - c * C));
   const int64_t H = p.H, Hkv = p.Hkv, K = p.K, V = p.V, ktok0 = bos + c * C;
   const int64_t nq = (len + C - 1) / C;
@@ -277,18 +277,20 @@ __global__ void __launch_bounds__(kThreads) read_bwd_kernel(ReadBwdParams b) {
       }
       __syncthreads();
       // dQ rows m0.. of this query tile += s dS K: A = (dS^T)^T from shared memory, B = K (rows = keys)
-      uint32_t sa[C / 16][4];
-#pragma unroll
-      for (int kb = 0; kb < C / 16; ++kb) mma::a_from_cols(sa[kb], dSs, LS, m0, 16 * kb);
       float* dq = b.dq + (qtok0 * H + h) * K;
 #pragma unroll
-      for (int n0 = 0; n0 < KP; n0 += 32) {
+      for (int n0 = 0; n0 < KP; n0 += 16) {
         if (n0 >= p.K) break;
-        float acc[4][4];
+        float acc[2][4];
         mma::zero_acc(acc);
-        mma::mma_acc<false>(acc, sa, Ks, LK, n0, 0);
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
+        for (int kb = 0; kb < C / 16; ++kb) {  // (fragments of dS reloaded per column block: fewer registers)
+          uint32_t sa[1][4];
+          mma::a_from_cols(sa[0], dSs, LS, m0, 16 * kb);
+          mma::mma_acc<false>(acc, sa, Ks, LK, n0, 16 * kb);
+        }
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
             const int r = i ? r1 : r0, col = n0 + 8 * j + 2 * t4;  // K % 8 == 0: col < K implies col + 1 < K
@@ -347,7 +349,7 @@ template <typename T>
 cudaError_t fwd(const ReadFwdParams& p, int64_t slots, cudaStream_t s) {
   return with_dims(p.K, p.V, [&](auto kp, auto vp) {
     constexpr int KP = decltype(kp)::value, VP = decltype(vp)::value;
-    return launch(read_fwd_kernel<KP, VP, T>, dim3(p.H, static_cast<unsigned>(slots)), kThreads,
+    return launch(read_fwd_kernel<KP, VP, T>, dim3(static_cast<unsigned>(slots * p.H)), kThreads,
                   FwdSmem<KP, VP, T>::kBytes, p, s);
   });
 }
@@ -361,7 +363,7 @@ cudaError_t bwd(const ReadBwdParams& b, int64_t slots, int64_t tokens, cudaStrea
   if (err != cudaSuccess) return err;
   return with_dims(b.f.K, b.f.V, [&](auto kp, auto vp) {
     constexpr int KP = decltype(kp)::value, VP = decltype(vp)::value;
-    return launch(read_bwd_kernel<KP, VP, T>, dim3(b.f.Hkv, static_cast<unsigned>(slots)), kThreads,
+    return launch(read_bwd_kernel<KP, VP, T>, dim3(static_cast<unsigned>(slots * b.f.Hkv)), kThreads,
                   BwdSmem<KP, VP, T>::kBytes, b, s);
   });
 }
