@@ -139,11 +139,20 @@ def test_values_and_grads_match_reference(case, device, dtype):
 
 @pytest.mark.parametrize("case,device,dtype", low_precision_params(CASES, CPU_LOW_PRECISION_CASES))
 def test_low_precision_within_2x_pytorch_error(case, device, dtype):
+    assert_within_2x_pytorch_error(case, device, dtype)
+
+
+def assert_within_2x_pytorch_error(case, device, dtype, cu_seqlens=None):
+    """Values and gradients (of <o, do>) vs the fp64 oracle, within 2x the error of the PyTorch reference loop
+    run in ``dtype`` (``low_precision_tol``)."""
     inputs = make_deltaformer_inputs(case, dtype, device)
     do, du = cotangents(case, dtype, device)
-    o, u, grads = values_and_grads(run_op(case), leaves(inputs), do, None)
-    ro, ru, rgrads = values_and_grads(run_ref(case), leaves(inputs, torch.float64), do.double(), None)
-    bo, bu, bgrads = values_and_grads(run_ref(case, dtype=dtype), leaves(inputs), do, None)
+    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32, device=device)
+    ref_kw = {} if cu is None else dict(cu_seqlens=cu.cpu())
+    op_kw = {} if cu is None else dict(cu_seqlens=cu)
+    o, u, grads = values_and_grads(run_op(case, **op_kw), leaves(inputs), do, None)
+    ro, ru, rgrads = values_and_grads(run_ref(case, **ref_kw), leaves(inputs, torch.float64), do.double(), None)
+    bo, bu, bgrads = values_and_grads(run_ref(case, dtype=dtype, **ref_kw), leaves(inputs), do, None)
 
     def check(name, ours, base, ref, gradient=False):
         tol = low_precision_tol(rel_err(base, ref), dtype, gradient)
@@ -157,6 +166,38 @@ def test_low_precision_within_2x_pytorch_error(case, device, dtype):
     check("u", u, bu, ru)
     for name in rgrads:
         check(f"d{name}", grads[name], bgrads[name], rgrads[name], gradient=True)
+
+
+# The CUDA read-pass kernels (bf16 / fp16, K and V multiples of 8 up to 128; query and key tiles of 64 rows):
+# partial tiles, T = 1, several tiles, GQA and MQA, V != K, head dims padded inside the kernel (48, 24), an explicit
+# scale, and packed sequences with an empty one.
+READ_KERNEL_CASES = [
+    Case(T=1, K=64, V=64, beta="rand"),
+    Case(T=130, K=32, V=128, beta="rand", H=4, Hkv=1, B=1),
+    Case(T=200, K=128, V=64, beta="none", w=True, H=4, Hkv=2, B=1),
+    Case(T=129, K=128, V=128, beta="rand", B=2, scale=0.2),
+    Case(T=100, K=48, V=24, beta="rand", H=2, Hkv=1, B=1),
+    Case(T=64, K=64, V=32, beta="big", H=4, Hkv=2, B=3),
+]
+READ_KERNEL_LENGTHS = [1, 63, 0, 65, 130, 2]
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("case", READ_KERNEL_CASES, ids=str)
+def test_cuda_read_kernels_within_2x_pytorch_error(case, dtype):
+    assert_within_2x_pytorch_error(case, "cuda", dtype)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("K,V", [(32, 32), (64, 128), (128, 64)], ids=["K32-V32", "K64-V128", "K128-V64"])
+def test_cuda_read_kernels_varlen_with_empty_sequence(K, V, dtype):
+    offsets = [0]
+    for n in READ_KERNEL_LENGTHS:
+        offsets.append(offsets[-1] + n)
+    case = Case(T=offsets[-1], K=K, V=V, beta="rand", w=True, H=4, Hkv=2, B=1)
+    assert_within_2x_pytorch_error(case, "cuda", dtype, cu_seqlens=offsets)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])

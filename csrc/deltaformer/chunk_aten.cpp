@@ -122,17 +122,24 @@ struct Inputs {  // everything in [BH, T, D] / [BH, T], accumulation dtype
   int64_t B, G;
 };
 
-Inputs bh_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& beta,
-                 const std::optional<Tensor>& w) {
-  const auto acc = acc_type(q);
+// The write pass's inputs only (in.q undefined).
+Inputs bh_write_inputs(const Tensor& k, const Tensor& v, const std::optional<Tensor>& beta,
+                       const std::optional<Tensor>& w, int64_t H) {
+  const auto acc = acc_type(k);
   Inputs in;
-  in.q = to_bh(q, acc);
   in.k = to_bh(k, acc);
   in.v = to_bh(v, acc);
   in.w = present(w) ? to_bh(*w, acc) : in.k;
   in.beta = present(beta) ? to_bh(*beta, acc) : at::ones({in.k.size(0), in.k.size(1)}, in.k.options());
-  in.B = q.size(0);
-  in.G = q.size(2) / k.size(2);
+  in.B = k.size(0);
+  in.G = H / k.size(2);
+  return in;
+}
+
+Inputs bh_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& beta,
+                 const std::optional<Tensor>& w) {
+  Inputs in = bh_write_inputs(k, v, beta, w, q.size(2));
+  in.q = to_bh(q, acc_type(q));
   return in;
 }
 
@@ -335,10 +342,10 @@ Outputs fwd_aten(const Tensor& q, const Tensor& k, const Tensor& v, const std::o
   return {o, u, r, lse_w, lse_o};
 }
 
-Grads bwd_aten(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& beta,
-               const std::optional<Tensor>& w, const std::optional<Tensor>& cu_seqlens, const Tensor& o,
-               const Tensor& u, const Tensor& r, const Tensor& lse_w, const Tensor& lse_o, const Tensor& grad_o,
-               const std::optional<Tensor>& grad_u, double scale, int64_t chunk_size) {
+Shapes check_bwd_args(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& beta,
+                      const std::optional<Tensor>& w, const std::optional<Tensor>& cu_seqlens, const Tensor& o,
+                      const Tensor& u, const Tensor& r, const Tensor& lse_w, const Tensor& lse_o, const Tensor& grad_o,
+                      const std::optional<Tensor>& grad_u, int64_t chunk_size, std::optional<Tensor>& du) {
   const char* op = "deltaformer_bwd";
   const Shapes s = check_args(op, q, k, v, beta, w, cu_seqlens, chunk_size);
   const at::Device dev = q.device();
@@ -348,9 +355,88 @@ Grads bwd_aten(const Tensor& q, const Tensor& k, const Tensor& v, const std::opt
   check_float_tensor(op, "lse_w", lse_w, {s.B, s.T, s.Hkv}, dev);
   check_float_tensor(op, "lse_o", lse_o, {s.B, s.T, s.H}, dev);
   check_float_tensor(op, "grad_o", grad_o, {s.B, s.T, s.H, s.V}, dev);
-  std::optional<Tensor> du = grad_u;
+  du = grad_u;
   if (present(du) && du->numel() == 0 && s.B * s.T * s.Hkv * s.V != 0) du.reset();
   check_optional_float_tensor(op, "grad_u", du, {s.B, s.T, s.Hkv, s.V}, dev);
+  return s;
+}
+
+std::tuple<Tensor, Tensor, Tensor> write_fwd(const Tensor& k, const Tensor& v, const std::optional<Tensor>& beta,
+                                             const std::optional<Tensor>& w, const std::optional<Tensor>& cu_seqlens,
+                                             double scale, int64_t chunk_size) {
+  const int64_t B = k.size(0), T = k.size(1), Hkv = k.size(2), V = v.size(3);
+  const auto acc = acc_type(k);
+  auto dense = [&](const Tensor& kx, const Tensor& vx, const std::optional<Tensor>& bx,
+                   const std::optional<Tensor>& wx) -> std::tuple<Tensor, Tensor, Tensor> {
+    Inputs in = bh_write_inputs(kx, vx, bx, wx, Hkv);
+    Tensor U, R, lse_w;
+    write_pass(in, scale, chunk_size, U, R, lse_w);
+    return {from_bh(U, in.B, acc), from_bh(R, in.B, acc), from_bh(lse_w, in.B, acc)};
+  };
+  if (T == 0) {
+    const auto opts = k.options().dtype(acc);
+    return {at::empty({B, 0, Hkv, V}, opts), at::empty({B, 0, Hkv, V}, opts), at::empty({B, 0, Hkv}, opts)};
+  }
+  if (!present(cu_seqlens)) return dense(k, v, beta, w);
+  const auto off = host_offsets(*cu_seqlens);  // variable length: each sequence runs alone
+  const auto opts = k.options().dtype(acc);
+  Tensor u = new_output({1, T, Hkv, V}, opts), r = new_output({1, T, Hkv, V}, opts);
+  Tensor lse_w = new_output({1, T, Hkv}, opts);
+  for (size_t n = 0; n + 1 < off.size(); ++n) {
+    const int64_t bos = off[n], len = off[n + 1] - bos;
+    if (len == 0) continue;
+    auto [un, rn, ln] = dense(k.narrow(1, bos, len), v.narrow(1, bos, len), slice_seq(beta, bos, len),
+                              slice_seq(w, bos, len));
+    u.narrow(1, bos, len).copy_(un);
+    r.narrow(1, bos, len).copy_(rn);
+    lse_w.narrow(1, bos, len).copy_(ln);
+  }
+  return {u, r, lse_w};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> write_bwd(const Tensor& k, const Tensor& v, const std::optional<Tensor>& beta,
+                                                     const std::optional<Tensor>& w,
+                                                     const std::optional<Tensor>& cu_seqlens, const Tensor& u,
+                                                     const Tensor& r, const Tensor& lse_w, const Tensor& du,
+                                                     double scale, int64_t chunk_size) {
+  const auto acc = acc_type(k);
+  auto dense = [&](const Tensor& kx, const Tensor& vx, const std::optional<Tensor>& bx, const std::optional<Tensor>& wx,
+                   const Tensor& ux, const Tensor& rx, const Tensor& lx,
+                   const Tensor& dux) -> std::tuple<Tensor, Tensor, Tensor, Tensor> {
+    Inputs in = bh_write_inputs(kx, vx, bx, wx, kx.size(2));
+    Tensor dv, dbeta, dw, dk;
+    write_backward(in, to_bh(ux, acc), to_bh(rx, acc), to_bh(lx, acc), to_bh(dux, acc), scale, chunk_size, dv, dbeta,
+                   dw, dk);
+    return {from_bh(dv, in.B, acc), from_bh(dbeta, in.B, acc), from_bh(dw, in.B, acc), from_bh(dk, in.B, acc)};
+  };
+  const auto opts = k.options().dtype(acc);
+  if (k.size(1) == 0)
+    return {at::zeros(v.sizes(), opts), at::zeros({k.size(0), 0, k.size(2)}, opts), at::zeros(k.sizes(), opts),
+            at::zeros(k.sizes(), opts)};
+  if (!present(cu_seqlens)) return dense(k, v, beta, w, u, r, lse_w, du);
+  const auto off = host_offsets(*cu_seqlens);
+  Tensor dv = at::zeros(v.sizes(), opts), dbeta = at::zeros({k.size(0), k.size(1), k.size(2)}, opts);
+  Tensor dw = at::zeros(k.sizes(), opts), dk = at::zeros(k.sizes(), opts);
+  for (size_t n = 0; n + 1 < off.size(); ++n) {
+    const int64_t bos = off[n], len = off[n + 1] - bos;
+    if (len == 0) continue;
+    auto sl = [&](const Tensor& x) { return x.narrow(1, bos, len); };
+    auto [dvn, dbn, dwn, dkn] = dense(sl(k), sl(v), slice_seq(beta, bos, len), slice_seq(w, bos, len), sl(u), sl(r),
+                                      sl(lse_w), sl(du));
+    sl(dv).copy_(dvn);
+    sl(dbeta).copy_(dbn);
+    sl(dw).copy_(dwn);
+    sl(dk).copy_(dkn);
+  }
+  return {dv, dbeta, dw, dk};
+}
+
+Grads bwd_aten(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& beta,
+               const std::optional<Tensor>& w, const std::optional<Tensor>& cu_seqlens, const Tensor& o,
+               const Tensor& u, const Tensor& r, const Tensor& lse_w, const Tensor& lse_o, const Tensor& grad_o,
+               const std::optional<Tensor>& grad_u, double scale, int64_t chunk_size) {
+  std::optional<Tensor> du;
+  const Shapes s = check_bwd_args(q, k, v, beta, w, cu_seqlens, o, u, r, lse_w, lse_o, grad_o, grad_u, chunk_size, du);
   auto empty_or = [&](const std::optional<Tensor>& x) { return present(x) ? at::zeros_like(*x) : at::empty({0}, q.options()); };
   if (!present(cu_seqlens)) {
     if (s.T == 0) return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v), empty_or(beta), empty_or(w)};
