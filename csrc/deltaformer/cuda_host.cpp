@@ -1,12 +1,15 @@
 // Deltaformer on CUDA, host side. bf16 / fp16 inputs with K, V multiples of 8 up to 128 run four stages, one
 // function each:
-//   forward:  write_fwd (ATen chunk form, for now)  -> u, r, lse_w
+//   forward:  write_fwd_cuda (write_kernel.cu)      -> u, r, lse_w   (K, V in {32, 64, 128}; else the ATen
+//             write_fwd; LINFLOW_DELTAFORMER_WRITE=aten forces it, for A/B measurements)
 //             read_fwd_cuda (read_kernel.cu)        -> o, lse_o
 //   backward: read_bwd_cuda (read_kernel.cu)        -> dq, dk (read side), du;  du += grad_u
 //             write_bwd (ATen chunk form)           -> dv, dbeta, dw, dk (write side)
 // Everything else (fp32 inputs, other head dims, empty inputs) takes the ATen chunk form end to end, as before.
 #ifdef LINFLOW_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
+#include <cstdlib>
+#include <string>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -15,6 +18,7 @@
 #include "common/checks.h"
 #include "deltaformer/deltaformer.h"
 #include "deltaformer/read.h"
+#include "deltaformer/write.h"
 
 namespace linflow::deltaformer {
 using at::Tensor;
@@ -106,6 +110,15 @@ namespace {
 
 bool use_kernels(const Tensor& q, const Shapes& s) { return read_kernels_support(q, s.K, s.V) && s.B * s.T > 0; }
 
+// LINFLOW_DELTAFORMER_WRITE=aten: the ATen write pass even where the kernel runs (A/B measurements). Read once.
+bool write_kernel_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("LINFLOW_DELTAFORMER_WRITE");
+    return e == nullptr || std::string(e) != "aten";
+  }();
+  return on;
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
                                                             const std::optional<Tensor>& beta,
                                                             const std::optional<Tensor>& w,
@@ -114,7 +127,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q, con
   const Shapes s = check_args("deltaformer_fwd", q, k, v, beta, w, cu_seqlens, chunk_size);
   const c10::cuda::OptionalCUDAGuard guard(q.device());
   if (!use_kernels(q, s)) return fwd_aten(q, k, v, beta, w, cu_seqlens, scale, chunk_size);
-  auto [u, r, lse_w] = write_fwd(k, v, beta, w, cu_seqlens, scale, chunk_size);
+  auto [u, r, lse_w] = write_kernel_enabled() && write_fwd_cuda_supports(k, v, beta, w)
+                           ? write_fwd_cuda(k, v, beta, w, cu_seqlens, scale, chunk_size)
+                           : write_fwd(k, v, beta, w, cu_seqlens, scale, chunk_size);
   auto [o, lse_o] = read_fwd_cuda(q, k, u, cu_seqlens, scale);
   return {o, u, r, lse_w, lse_o};
 }
