@@ -6,6 +6,8 @@
 //       dZ = dO' Vn^T, dA = -dVb Vn^T (= -(dVb U^T + dKb W^T), since W h = U - Vn),
 //       dQg = dO' h^T, dKd = Vn dh^T, dKb = -dVb h^T   (register accumulators)
 //     then dq, dk, dbeta, dg from those (quotient-free: every term is a product of chunk-local tiles).
+// Two implementations of chunk_bwd, same math and per-chunk outputs: chunk_bwd_mma_kernel (mma.sync, register
+// accumulators, the default) and chunk_bwd_kernel (WMMA through shared memory; LINFLOW_CHUNK_BWD=wmma).
 #pragma once
 #include "delta_rule/kernels.cuh"
 
