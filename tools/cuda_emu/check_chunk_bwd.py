@@ -2,7 +2,7 @@
 features it uses (tools/cuda_emu/shim: one OS thread per CUDA thread, warp collectives and mma.sync / ldmatrix
 through per-warp exchange slots, deferred cp.async, shared memory poisoned with 0xFF), on random bf16 inputs
 (q, k, v, beta, g, dO, vn, dvn, h, dh taken as given), against a float64 numpy transcription of the per-chunk
-math in csrc/delta_rule/kernels_bwd.cuh. Slow (seconds a block); bf16 only.
+math in csrc/delta_rule/kernels_bwd.cuh. Slow (seconds a block); bf16 and fp16.
     python tools/cuda_emu/check_chunk_bwd.py [case ...]
 """
 import numpy as np, os, subprocess, sys, tempfile
@@ -24,7 +24,9 @@ def bf16(x):
 def f32(u):
     return (u.astype(np.uint32) << 16).view(np.float32)
 
-def run(name, B, T, H, K, V, gated, cu=None, seed=0):
+def run(name, B, T, H, K, V, gated, cu=None, seed=0, f16=False):
+    enc = (lambda x: np.asarray(x, np.float32).astype(np.float16).view(np.uint16)) if f16 else bf16
+    dec = (lambda u: u.view(np.float16).astype(np.float32)) if f16 else f32
     rng = np.random.default_rng(seed)
     varlen = cu is not None
     total = B * T if not varlen else cu[-1]
@@ -35,8 +37,8 @@ def run(name, B, T, H, K, V, gated, cu=None, seed=0):
     d = os.path.join(RUNS, name); os.makedirs(d, exist_ok=True)
     arr = {}
     def mk(nm, shape, s=1.0):
-        u = bf16(rng.standard_normal(shape).astype(np.float32) * s)
-        u.tofile(f"{d}/{nm}.bin"); arr[nm] = f32(u).astype(np.float64)
+        u = enc(rng.standard_normal(shape).astype(np.float32) * s)
+        u.tofile(f"{d}/{nm}.bin"); arr[nm] = dec(u).astype(np.float64)
     mk("q", (total, H, K), 0.3); mk("k", (total, H, K), 0.3); mk("v", (total, H, V)); mk("vn", (total, H, V))
     mk("dout", (total, H, V)); mk("dvn", (total, H, V)); mk("h", (slots, H, K, V), 0.5); mk("dh", (slots, H, K, V), 0.5)
     beta = rng.uniform(0.1, 0.9, (total, H)).astype(np.float32); beta.tofile(f"{d}/beta.bin")
@@ -44,11 +46,11 @@ def run(name, B, T, H, K, V, gated, cu=None, seed=0):
     if gated: g.tofile(f"{d}/g.bin")
     if varlen: np.asarray(cu, np.int64).tofile(f"{d}/cu.bin")
     open(f"{d}/params.txt", "w").write(f"{B} {T} {H} {K} {V} {N} {int(varlen)} {int(gated)} {scale!r} {slots} {total}\n")
-    r = subprocess.run([BIN, d], capture_output=True, text=True)
+    r = subprocess.run([BIN, d, "f16" if f16 else "bf16"], capture_output=True, text=True)
     if r.returncode: print(r.stdout, r.stderr); raise SystemExit(f"{name}: emu failed")
-    out = dict(dq=f32(np.fromfile(f"{d}/dq.out", np.uint16)).reshape(total, H, K),
-               dk=f32(np.fromfile(f"{d}/dk.out", np.uint16)).reshape(total, H, K),
-               dv=f32(np.fromfile(f"{d}/dv.out", np.uint16)).reshape(total, H, V),
+    out = dict(dq=dec(np.fromfile(f"{d}/dq.out", np.uint16)).reshape(total, H, K),
+               dk=dec(np.fromfile(f"{d}/dk.out", np.uint16)).reshape(total, H, K),
+               dv=dec(np.fromfile(f"{d}/dv.out", np.uint16)).reshape(total, H, V),
                dbeta=np.fromfile(f"{d}/dbeta.out", np.float32).reshape(total, H),
                dg=np.fromfile(f"{d}/dg.out", np.float32).reshape(total, H))
     ref = {k_: np.full_like(v_, np.nan, dtype=np.float64) for k_, v_ in out.items()}
@@ -113,6 +115,7 @@ cases = {
   "dense_K64_V37_nog": dict(B=1, T=70, H=1, K=64, V=37, gated=False),
   "dense_K48_V64_g": dict(B=1, T=64, H=1, K=48, V=64, gated=True),
   "varlen_K128_V72_g": dict(B=1, T=0, H=2, K=128, V=72, gated=True, cu=[0, 70, 75, 200]),
+  "f16_dense_K128_V96_g": dict(B=1, T=90, H=1, K=128, V=96, gated=True, f16=True),
 }
 sel = sys.argv[1:] or list(cases)
 allok = True

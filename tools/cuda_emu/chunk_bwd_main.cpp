@@ -5,7 +5,6 @@
 
 namespace linflow::delta_rule { alignas(128) char smem[232448]; }
 using namespace linflow::delta_rule;
-using bf = __nv_bfloat16;
 
 template <typename X> std::vector<X> rd(const std::string& f, size_t n) {
   std::vector<X> v(n);
@@ -19,7 +18,7 @@ template <typename X> void wr(const std::string& f, const std::vector<X>& v) {
   o.write(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(X));
 }
 
-template <int KP>
+template <int KP, typename bf>
 void run_all(BwdParams& b, int64_t slots, int H) {
   const size_t sm = ChunkBwdMmaSmem<KP, bf>::carve(nullptr, nullptr);
   std::printf("KP %d smem %zu bytes\n", KP, sm);
@@ -44,7 +43,8 @@ void run_all(BwdParams& b, int64_t slots, int H) {
     }
 }
 
-int main(int argc, char** argv) {
+template <typename bf>
+int run(int argc, char** argv) {
   const std::string d = argv[1];
   std::ifstream pf(d + "/params.txt");
   int64_t B, T, H, K, V, N, varlen, gated, slots, total;
@@ -60,7 +60,7 @@ int main(int argc, char** argv) {
   if (gated) g = rd<float>(d + "/g.bin", nt);
   std::vector<int64_t> cu;
   if (varlen) cu = rd<int64_t>(d + "/cu.bin", N + 1);
-  std::vector<bf> dq(nk, bf{0x7fc0}), dk(nk, bf{0x7fc0}), dv(nv, bf{0x7fc0});
+  std::vector<bf> dq(nk, bf{0x7e00}), dk(nk, bf{0x7e00}), dv(nv, bf{0x7e00});  // NaN in fp16 and bf16
   std::vector<float> dbeta(nt, NAN), dg(nt, NAN);
   BwdParams b{};
   FwdParams& p = b.f;
@@ -71,8 +71,12 @@ int main(int argc, char** argv) {
   p.vec_k = K % 8 == 0; p.vec_v = V % 8 == 0;
   b.dout = dout.data(); b.dh = dh.data(); b.dvn = dvn.data();
   b.dq = dq.data(); b.dk = dk.data(); b.dv = dv.data(); b.dbeta = dbeta.data(); b.dg = gated ? dg.data() : nullptr;
-  if (K <= 64) run_all<64>(b, slots, int(H)); else run_all<128>(b, slots, int(H));
+  if (K <= 64) run_all<64, bf>(b, slots, int(H)); else run_all<128, bf>(b, slots, int(H));
   wr(d + "/dq.out", dq); wr(d + "/dk.out", dk); wr(d + "/dv.out", dv); wr(d + "/dbeta.out", dbeta);
   wr(d + "/dg.out", dg);
   return 0;
+}
+
+int main(int argc, char** argv) {
+  return std::string(argv[2]) == "f16" ? run<__half>(argc, argv) : run<__nv_bfloat16>(argc, argv);
 }
