@@ -88,10 +88,14 @@ cudaError_t backward(BwdParams& b, int64_t slots, int64_t N, cudaStream_t stream
         return launch(state_bwd_mma_kernel<KP, NW, T>, dim3(nvw, H, static_cast<unsigned>(N)),
                       StateMmaSmem<KP, NW, T>::carve(nullptr, nullptr, 3, 2), b, stream, NW * 32);
       });
-      if (err == cudaSuccess)
-        err = launch(chunk_bwd_kernel<KP, T>, dim3(static_cast<unsigned>(slots), H),
-                     ChunkBwdSmem<KP, T>::carve(nullptr, nullptr), b, stream);
-      return err;
+      if (err != cudaSuccess) return err;
+      // chunk_bwd: the mma.sync kernel (KP 64 / 128; one block of 8 warps a multiprocessor, ~200 KB of shared
+      // memory at KP 128); the WMMA kernel on LINFLOW_CHUNK_BWD=wmma, for A/B comparisons.
+      if (b.chunk_bwd_wmma)
+        return launch(chunk_bwd_kernel<KP, T>, dim3(static_cast<unsigned>(slots), H),
+                      ChunkBwdSmem<KP, T>::carve(nullptr, nullptr), b, stream);
+      return launch(chunk_bwd_mma_kernel<KP, T>, dim3(static_cast<unsigned>(slots), H),
+                    ChunkBwdMmaSmem<KP, T>::carve(nullptr, nullptr), b, stream);
     }
   });
 }

@@ -1,0 +1,82 @@
+#include "emu.h"
+#include "delta_rule/kernels_bwd.cuh"
+#include <fstream>
+#include <string>
+
+namespace linflow::delta_rule { alignas(128) char smem[232448]; }
+using namespace linflow::delta_rule;
+
+template <typename X> std::vector<X> rd(const std::string& f, size_t n) {
+  std::vector<X> v(n);
+  std::ifstream in(f, std::ios::binary);
+  if (!in) { std::fprintf(stderr, "missing %s\n", f.c_str()); std::exit(1); }
+  in.read(reinterpret_cast<char*>(v.data()), n * sizeof(X));
+  return v;
+}
+template <typename X> void wr(const std::string& f, const std::vector<X>& v) {
+  std::ofstream o(f, std::ios::binary);
+  o.write(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(X));
+}
+
+template <int KP, typename bf>
+void run_all(BwdParams& b, int64_t slots, int H) {
+  const size_t sm = ChunkBwdMmaSmem<KP, bf>::carve(nullptr, nullptr);
+  std::printf("KP %d smem %zu bytes\n", KP, sm);
+  if (sm > sizeof(smem)) { std::fprintf(stderr, "smem too large\n"); std::exit(1); }
+  for (int64_t x = 0; x < slots; ++x)
+    for (int y = 0; y < H; ++y) {
+      std::memset(smem, 0xff, sizeof(smem));
+      std::barrier<> bar(256);
+      std::vector<WarpCtx> warps(8);
+      g_block_bar = &bar;
+      g_warps = warps.data();
+      std::vector<std::thread> th;
+      for (int t = 0; t < 256; ++t)
+        th.emplace_back([&, t] {
+          threadIdx = {unsigned(t), 0, 0};
+          blockIdx = {unsigned(x), unsigned(y), 0};
+          blockDim = {256, 1, 1};
+          chunk_bwd_mma_kernel<KP, bf>(b);
+          if (!t_groups.empty() || !t_open.empty()) cp_async_flush_all();
+        });
+      for (auto& t : th) t.join();
+    }
+}
+
+template <typename bf>
+int run(int argc, char** argv) {
+  const std::string d = argv[1];
+  std::ifstream pf(d + "/params.txt");
+  int64_t B, T, H, K, V, N, varlen, gated, slots, total;
+  float scale;
+  pf >> B >> T >> H >> K >> V >> N >> varlen >> gated >> scale >> slots >> total;
+  const size_t nk = total * H * K, nv = total * H * V, ns = slots * H * K * V, nt = total * H;
+  auto q = rd<bf>(d + "/q.bin", nk), k = rd<bf>(d + "/k.bin", nk);
+  auto v = rd<bf>(d + "/v.bin", nv), vn = rd<bf>(d + "/vn.bin", nv), dout = rd<bf>(d + "/dout.bin", nv),
+       dvn = rd<bf>(d + "/dvn.bin", nv);
+  auto h = rd<bf>(d + "/h.bin", ns), dh = rd<bf>(d + "/dh.bin", ns);
+  auto beta = rd<float>(d + "/beta.bin", nt);
+  std::vector<float> g;
+  if (gated) g = rd<float>(d + "/g.bin", nt);
+  std::vector<int64_t> cu;
+  if (varlen) cu = rd<int64_t>(d + "/cu.bin", N + 1);
+  std::vector<bf> dq(nk, bf{0x7e00}), dk(nk, bf{0x7e00}), dv(nv, bf{0x7e00});  // NaN in fp16 and bf16
+  std::vector<float> dbeta(nt, NAN), dg(nt, NAN);
+  BwdParams b{};
+  FwdParams& p = b.f;
+  p.q = q.data(); p.k = k.data(); p.v = v.data(); p.beta = beta.data(); p.g = gated ? g.data() : nullptr;
+  p.vn = vn.data(); p.h = h.data();
+  p.seq = {varlen ? cu.data() : nullptr, varlen ? total : T, int(N)};
+  p.H = int(H); p.K = int(K); p.V = int(V); p.scale = scale;
+  p.vec_k = K % 8 == 0; p.vec_v = V % 8 == 0;
+  b.dout = dout.data(); b.dh = dh.data(); b.dvn = dvn.data();
+  b.dq = dq.data(); b.dk = dk.data(); b.dv = dv.data(); b.dbeta = dbeta.data(); b.dg = gated ? dg.data() : nullptr;
+  if (K <= 64) run_all<64, bf>(b, slots, int(H)); else run_all<128, bf>(b, slots, int(H));
+  wr(d + "/dq.out", dq); wr(d + "/dk.out", dk); wr(d + "/dv.out", dv); wr(d + "/dbeta.out", dbeta);
+  wr(d + "/dg.out", dg);
+  return 0;
+}
+
+int main(int argc, char** argv) {
+  return std::string(argv[2]) == "f16" ? run<__half>(argc, argv) : run<__nv_bfloat16>(argc, argv);
+}
