@@ -1,5 +1,5 @@
 // LION (bidirectional linear attention, ALGORITHMS.md §4): argument checks and the device-generic ATen forms
-// (lion_aten.cpp) that serve the CPU and, until dedicated kernels land, CUDA.
+// (lion_aten.cpp) that serve the CPU and every CUDA case the sweep kernels (kernels.cuh, cuda_host.cpp) do not take.
 #pragma once
 #include <ATen/ATen.h>
 #include <optional>

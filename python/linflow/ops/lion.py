@@ -24,8 +24,11 @@ states and the ``K`` normaliser states, linear in T), ``full`` (the explicit ``T
 ``recurrent`` (inference: two token scans that keep only ``q_i^T S_i`` and ``q_i^T z_i`` per token, so the extra
 memory is ``O(T (K + V))``; forward only), ``auto`` (``full`` when ``T <= chunk_size``, else ``chunked``).
 
-Computed by C++ ATen code (``torch.ops.linflow.lion_fwd/lion_bwd``, hand-written backward) on the CPU; on CUDA the
-same device-generic ATen form runs until dedicated kernels land. All arithmetic in fp32 (fp64 for fp64 inputs).
+Computed by C++ ATen code (``torch.ops.linflow.lion_fwd/lion_bwd``, hand-written backward) on the CPU. On CUDA the
+forward of ``chunked`` (and ``auto`` beyond one chunk) with bf16 / fp16 inputs, ``chunk_size=64`` and ``K <= 128``
+runs tensor-core sweep kernels (16-bit operands, fp32 accumulation; csrc/lion/kernels.cuh); everything else (fp32
+inputs, ``full``, ``recurrent``, the backward) runs the same device-generic ATen form. All ATen arithmetic in fp32
+(fp64 for fp64 inputs).
 """
 from __future__ import annotations
 

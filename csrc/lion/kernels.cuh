@@ -1,0 +1,283 @@
+// LION forward, chunked form (ALGORITHMS.md §4), bf16/fp16 operands on tensor cores (mma.sync m16n8k16), fp32
+// accumulation, no K x V state in memory. Per sequence and head, with forward / backward log gates gf, gb
+// (lion.h / lion_aten.cpp: none = 0, fixed = log lam, selective = g [shifted by one token for "lion_code"], g_backward):
+//   PF_i = sum_{j <= i} e^(cF_i - cF_j) (q_i.k_j) v_j     (forward sweep, diagonal included)
+//   PB_i = sum_{j >  i} e^(cB_j - cB_i) (q_i.k_j) v_j     (backward sweep, strict)
+//   o = s (PF + PB)  or, normalised, s (PF + PB) / (s (DF + DB) + eps), D = the same sums with v_j = 1.
+// Chunks of C = 64 tokens; gamma = the within-chunk inclusive cumsum of the sweep's gate, gL = gamma_{C-1}
+// (rows past a sequence end have gate 0 and k = v = 0). The sweeps walk the chunks in their direction with the
+// state S (K x V, transposed, in registers) of everything already passed:
+//   forward,  chunk c:  P = diag(e^gamma) Q S + ((Q K^T) o EF) V,   EF[r,u] = e^(gamma_r - gamma_u) (u <= r)
+//                       S = e^gL S + K^T diag(e^(gL - gamma)) V
+//   backward, chunk c:  P = diag(e^(gL - gamma)) Q S + ((Q K^T) o EB) V,   EB[r,u] = e^(gamma_u - gamma_r) (u > r)
+//                       S = e^gL S + K^T diag(e^gamma) V
+// (every exponent <= 0). The denominator runs the same recurrences with a K-vector state z in shared memory (fp32,
+// scalar FMAs) and the row sums of the masked score block.
+//
+// Two launches of one kernel (sweep_kernel<.., BWD>): grid (v-tiles of BV = 16 NW columns, H, sequences), NW warps.
+// The forward sweep writes its fp32 partial numerators (in the accumulator layout: one float4 a thread per 8-token
+// group, fully coalesced) and denominators to workspaces; the backward sweep adds its own, normalises and writes o.
+// Warp w owns value columns 16 w.. of the tile: S^T (16 x KP) and the chunk's output O^T (16 x C) are m16n8
+// accumulators; O^T = S^T Q^T and S^T += (V^T diag(kd)) K are warp-local register GEMMs (state_mma.cuh's pattern),
+// the masked score block A = (Q K^T) o E is computed once a block (warp w: rows 16 (w % 4).., columns split over
+// w / 4), stored to shared memory in 16 bits and read back as the B operand of O^T += V^T A^T. Tiles stream in by
+// cp.async (two stages); two block barriers a chunk.
+#pragma once
+#include "common/chunk.cuh"
+#include "common/mma.cuh"
+#include "common/tile.cuh"
+#include "lion/launch.h"
+
+namespace linflow::lion {
+
+using chunk::C;
+using tile::ld_f;
+using tile::ld_h;
+
+// Shared memory of sweep_kernel: two stages of Q, K (C x KP), V (C x BV) and the gate column, the masked score
+// block (C x C, 16-bit), per-row gate factors and the denominator's scratch. Every piece starts 128-byte aligned.
+template <int KP, int NW, typename T>
+struct SweepSmem {
+  static constexpr int BV = 16 * NW, NSPLIT = NW / 4;
+  static constexpr size_t align(size_t b) { return (b + 127) / 128 * 128; }
+  static constexpr size_t kQ = align(sizeof(T) * C * ld_h(KP)), kV = align(sizeof(T) * C * ld_h(BV));
+  static constexpr size_t kA = align(sizeof(T) * C * ld_h(C)), kCol = align(sizeof(float) * C);
+  static constexpr size_t kZ = align(sizeof(float) * KP);
+  static constexpr size_t bytes() { return 2 * (2 * kQ + kV + kCol) + kA + (3 + NSPLIT) * kCol + kZ; }
+
+  T *Q[2], *K[2], *V[2], *A;
+  float *g[2], *fac, *kd, *deni, *dsum[NSPLIT], *z;
+  __device__ explicit SweepSmem(char* base) {
+    size_t o = 0;
+    auto take = [&](size_t n) { char* r = base + o; o += n; return r; };
+    for (int b = 0; b < 2; ++b) {
+      Q[b] = reinterpret_cast<T*>(take(kQ));
+      K[b] = reinterpret_cast<T*>(take(kQ));
+      V[b] = reinterpret_cast<T*>(take(kV));
+      g[b] = reinterpret_cast<float*>(take(kCol));
+    }
+    A = reinterpret_cast<T*>(take(kA));
+    fac = reinterpret_cast<float*>(take(kCol));
+    kd = reinterpret_cast<float*>(take(kCol));
+    deni = reinterpret_cast<float*>(take(kCol));
+    for (int i = 0; i < NSPLIT; ++i) dsum[i] = reinterpret_cast<float*>(take(kCol));
+    z = reinterpret_cast<float*>(take(kZ));
+  }
+};
+
+// One direction's sweep over the chunks of one (sequence, head, v-tile); see the file comment. BWD = false: the
+// forward sweep (chunks ascending, writes part / den); BWD = true: the backward sweep (chunks descending, reads
+// part / den, writes o). Requires NW in {4, 8} (the score block splits over 4 row tiles), KP in {64, 128}.
+template <int KP, int NW, bool BWD, typename T>
+__global__ void __launch_bounds__(NW * 32) sweep_kernel(FwdParams p) {
+  constexpr int BV = 16 * NW, NT = 32 * NW, NK = KP / 8, NR = C / 8, NSPLIT = NW / 4, NJS = NR / NSPLIT;
+  constexpr int TPR = NT / C;  // threads a row in the denominator's q.z
+  static_assert(NW == 4 || NW == 8, "the score block is split over 4 row tiles x NW / 4 column groups");
+  static_assert(KP == 64 || KP == 128, "K <= 128");
+  extern __shared__ __align__(128) char smem[];
+  const SweepSmem<KP, NW, T> s(smem);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g8 = lane / 4, t4 = lane % 4;
+  const int vt = blockIdx.x, v0 = vt * BV, h = blockIdx.y, n = blockIdx.z;
+  const int cols = min(BV, p.V - v0), ua = 16 * warp + g8, ub = ua + 8;
+  int64_t bos, len;
+  p.seq.seq(n, bos, len);
+  const int64_t nc = (len + C - 1) / C, slot0 = p.seq.first_slot(n, bos), H = p.H, K = p.K, V = p.V;
+  const bool vec_v = p.vec_v && cols % 8 == 0;
+  const bool den_here = p.normalize && (BWD || vt == 0);  // block-uniform
+  const float* gsrc = BWD ? p.gb : p.gf;
+  const int shift = (!BWD && p.gf_shift) ? 1 : 0;
+  const float lam_log = p.lam_log ? p.lam_log[h] : 0.f;
+  const T *q = static_cast<const T*>(p.q), *k = static_cast<const T*>(p.k), *v = static_cast<const T*>(p.v);
+  auto rows_of = [&](int64_t c) { return static_cast<int>(len - c * C < C ? len - c * C : C); };
+
+  auto prefetch = [&](int64_t c) {
+    const int b = c & 1, rows = rows_of(c);
+    const int64_t tok0 = bos + c * C;
+    tile::fetch_tile<C, KP, T, NT>(b ? s.Q[1] : s.Q[0], q + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
+    tile::fetch_tile<C, KP, T, NT>(b ? s.K[1] : s.K[0], k + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
+    tile::fetch_tile<C, BV, T, NT>(b ? s.V[1] : s.V[0], v + (tok0 * H + h) * V + v0, H * V, rows, cols, vec_v);
+    float* gd = b ? s.g[1] : s.g[0];
+    if (gsrc) {  // selective: token tok0 + r - shift, within the sequence
+      for (int r = threadIdx.x; r < C; r += NT) {
+        const int64_t t = tok0 + r - shift;
+        const bool valid = r < rows && t >= bos;
+        tile::cp_async4(gd + r, valid ? gsrc + t * H + h : gsrc, valid);
+      }
+    } else {  // fixed (log lam) or none (0); nothing else writes this buffer
+      for (int r = threadIdx.x; r < C; r += NT) gd[r] = r < rows ? lam_log : 0.f;
+    }
+    tile::cp_async_commit();
+  };
+
+  float S[NK][4];  // S^T: rows = value columns ua / ub, cols = k index 8 j + 2 t (+1)
+  mma::zero_acc(S);
+  for (int i = threadIdx.x; i < KP; i += NT) s.z[i] = 0.f;
+  if (nc > 0) prefetch(BWD ? nc - 1 : 0);
+  for (int64_t it = 0; it < nc; ++it) {
+    const int64_t c = BWD ? nc - 1 - it : it;
+    const int b = c & 1, rows = rows_of(c);
+    const int64_t tok0 = bos + c * C, slot = slot0 + c;
+    tile::cp_async_wait<0>();
+    __syncthreads();  // B1: chunk c's tiles landed; every warp is done with chunk c -/+ 1's buffers and scratch
+    if (it + 1 < nc) prefetch(BWD ? c - 1 : c + 1);
+    const T *Qs = b ? s.Q[1] : s.Q[0], *Ks = b ? s.K[1] : s.K[0], *Vs = b ? s.V[1] : s.V[0];
+    chunk::WarpGamma gm;
+    gm.scan(b ? s.g[1] : s.g[0]);
+    const float gL = gm.last();
+
+    {  // masked scores A = (Q K^T) o E: rows m0.., columns n0.. (NJS 8-column tiles); A -> smem (16-bit), row sums
+      const int m0 = 16 * (warp % 4), n0 = (warp / 4) * 8 * NJS, r0 = m0 + g8, r1 = r0 + 8;
+      uint32_t qa[KP / 16][4];
+#pragma unroll
+      for (int kb = 0; kb < KP / 16; ++kb) mma::a_from_rows(qa[kb], Qs, ld_h(KP), m0, 16 * kb);
+      float A[NJS][4];
+      mma::zero_acc(A);
+      mma::mma_acc<true>(A, qa, Ks, ld_h(KP), n0);  // B[k][u] = K[u][k]
+      const float gr[2] = {gm.at(r0), gm.at(r1)};
+      float rs[2] = {0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < NJS; ++j) {
+        const int u = n0 + 8 * j + 2 * t4;
+        const float gu[2] = {gm.at(u), gm.at(u + 1)};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e < 2 ? r0 : r1, uu = u + (e & 1);
+          const float d = BWD ? gu[e & 1] - gr[e >> 1] : gr[e >> 1] - gu[e & 1];
+          const bool keep = BWD ? uu > r : uu <= r;
+          const float x = keep ? A[j][e] * __expf(d) : 0.f;  // select: a dropped exponent may be > 0
+          A[j][e] = x;
+          rs[e >> 1] += x;
+        }
+        *reinterpret_cast<uint32_t*>(s.A + r0 * ld_h(C) + u) = mma::pack2<T>(A[j][0], A[j][1]);
+        *reinterpret_cast<uint32_t*>(s.A + r1 * ld_h(C) + u) = mma::pack2<T>(A[j][2], A[j][3]);
+      }
+      if (den_here) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          rs[i] += __shfl_xor_sync(0xffffffff, rs[i], 1);
+          rs[i] += __shfl_xor_sync(0xffffffff, rs[i], 2);
+        }
+        if (t4 == 0) {
+          float* ds = s.dsum[0];
+          if constexpr (NSPLIT > 1) ds = warp >= 4 ? s.dsum[1] : s.dsum[0];
+          ds[r0] = rs[0];
+          ds[r1] = rs[1];
+        }
+      }
+    }
+    if (warp == 0) {  // per-row factors: fac = inter-chunk row factor, kd = state-update column factor
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int r = 2 * lane + i;
+        const float gr = i ? gm.x : gm.x - gm.b;
+        s.fac[r] = BWD ? __expf(gL - gr) : __expf(gr);
+        s.kd[r] = BWD ? __expf(gr) : __expf(gL - gr);
+      }
+    }
+    if (den_here) {  // inter-chunk denominator: fac_r (q_r . z), TPR threads a row
+      const int r = threadIdx.x / TPR, part = threadIdx.x % TPR;
+      float d = 0.f;
+#pragma unroll 8
+      for (int i = part; i < KP; i += TPR) d += tile::to_f(Qs[r * ld_h(KP) + i]) * s.z[i];
+#pragma unroll
+      for (int off = 1; off < TPR; off *= 2) d += __shfl_xor_sync(0xffffffff, d, off);
+      const float gr = gm.at(r);
+      if (part == 0) s.deni[r] = d * (BWD ? __expf(gL - gr) : __expf(gr));
+    }
+    __syncthreads();  // B2: A, fac, kd, dsum, deni visible; every thread has read z
+
+    uint32_t va[C / 16][4];  // V^T (16 value columns x C tokens) as A fragments
+#pragma unroll
+    for (int kb = 0; kb < C / 16; ++kb) mma::a_from_cols(va[kb], Vs, ld_h(BV), 16 * warp, 16 * kb);
+    float O[NR][4];  // O^T: rows = value columns ua / ub, cols = tokens r = 8 j + 2 t (+1)
+    {
+      uint32_t sa[KP / 16][4];
+#pragma unroll
+      for (int kb = 0; kb < KP / 16; ++kb) mma::acc_to_a<T>(sa[kb], S, kb);
+      mma::zero_acc(O);
+      mma::mma_acc<true>(O, sa, Qs, ld_h(KP));  // O^T = S^T Q^T
+    }
+#pragma unroll
+    for (int j = 0; j < NR; ++j) {
+      const float f0 = s.fac[8 * j + 2 * t4], f1 = s.fac[8 * j + 2 * t4 + 1];
+      O[j][0] *= f0; O[j][1] *= f1; O[j][2] *= f0; O[j][3] *= f1;
+    }
+    // O^T += V^T A^T (B[u][r] = A[r][u], as mma_acc<true>), skipping the 16 x 16 blocks the mask zeroes: tokens
+    // r in 16 pr.. (accumulators 2 pr, 2 pr + 1) see u in 16 kb.. only for kb <= pr (forward) / kb >= pr (backward).
+#pragma unroll
+    for (int pr = 0; pr < C / 16; ++pr)
+#pragma unroll
+      for (int kb = 0; kb < C / 16; ++kb) {
+        if (BWD ? kb < pr : kb > pr) continue;
+        uint32_t bf[4];
+        mma::b_from_rows(bf, s.A, ld_h(C), 16 * pr, 16 * kb);
+        mma::mma16816<T>(O[2 * pr], va[kb], bf[0], bf[1]);
+        mma::mma16816<T>(O[2 * pr + 1], va[kb], bf[2], bf[3]);
+      }
+
+    float* part = p.part + ((slot * H + h) * gridDim.x + vt) * (C * BV);  // C * BV == NR * 4 * NT
+    if constexpr (!BWD) {
+#pragma unroll
+      for (int j = 0; j < NR; ++j)
+        *reinterpret_cast<float4*>(part + (j * NT + threadIdx.x) * 4) = make_float4(O[j][0], O[j][1], O[j][2], O[j][3]);
+      if (den_here && threadIdx.x < C) {
+        const int r = threadIdx.x;
+        float d = s.deni[r] + s.dsum[0][r];
+        if constexpr (NSPLIT > 1) d += s.dsum[1][r];
+        p.den[(slot * H + h) * C + r] = d;
+      }
+    } else {
+      T* o = static_cast<T*>(p.o) + (tok0 * H + h) * V + v0;
+      const float* dF = p.normalize ? p.den + (slot * H + h) * C : nullptr;
+#pragma unroll
+      for (int j = 0; j < NR; ++j) {
+        const float4 f = *reinterpret_cast<const float4*>(part + (j * NT + threadIdx.x) * 4);
+        const float pf[4] = {f.x, f.y, f.z, f.w};
+        float inv[2] = {1.f, 1.f};
+        if (p.normalize) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int r = 8 * j + 2 * t4 + e;
+            float d = s.deni[r] + s.dsum[0][r] + dF[r];
+            if constexpr (NSPLIT > 1) d += s.dsum[1][r];
+            inv[e] = 1.f / (p.scale * d + p.eps);
+          }
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = 8 * j + 2 * t4 + (e & 1), u = e < 2 ? ua : ub;
+          if (r < rows && u < cols)
+            o[static_cast<int64_t>(r) * H * V + u] = tile::from_f<T>(p.scale * (O[j][e] + pf[e]) * inv[e & 1]);
+        }
+      }
+    }
+
+    // state update: S^T = e^gL S^T + (V^T diag(kd)) K;  z = e^gL z + K^T kd
+    const float eC = __expf(gL);
+#pragma unroll
+    for (int j = 0; j < NK; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) S[j][e] *= eC;
+#pragma unroll
+    for (int rb = 0; rb < C / 16; ++rb) {
+      uint32_t a[1][4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // a[i] holds tokens 16 rb + 8 (i / 2) + 2 t, +1
+        const int r = 16 * rb + 8 * (i / 2) + 2 * t4;
+        const float2 f = mma::unpack2<T>(va[rb][i]);
+        a[0][i] = mma::pack2<T>(f.x * s.kd[r], f.y * s.kd[r + 1]);
+      }
+      mma::mma_acc<false>(S, a, Ks, ld_h(KP), 0, 16 * rb);  // B[u][k] = K[u][k]
+    }
+    if (den_here) {
+      for (int i = threadIdx.x; i < KP; i += NT) {
+        float zi = s.z[i] * eC;
+#pragma unroll 8
+        for (int u = 0; u < C; ++u) zi += s.kd[u] * tile::to_f(Ks[u * ld_h(KP) + i]);
+        s.z[i] = zi;
+      }
+    }
+  }
+}
+
+}  // namespace linflow::lion
