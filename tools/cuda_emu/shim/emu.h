@@ -4,6 +4,7 @@
 #pragma once
 #include <algorithm>
 #include <barrier>
+#include <chrono>
 #include <cassert>
 #include <cmath>
 #include <cstdint>
@@ -52,7 +53,18 @@ struct WarpCtx {
 };
 inline WarpCtx* g_warps = nullptr;
 inline std::barrier<>* g_block_bar = nullptr;
-inline WarpCtx& cur_warp() { return g_warps[threadIdx.x / 32]; }
+// EMU_SKEW=1 / 2: before each warp collective, warp w waits (w or 7 - w) x EMU_SKEW_US (default 5000) us, so the
+// warps drift apart and a
+// missing __syncthreads shows up as a read of poisoned or stale shared memory.
+inline int g_skew = [] { const char* e = std::getenv("EMU_SKEW"); return e ? std::atoi(e) : 0; }();
+inline int g_skew_us = [] { const char* e = std::getenv("EMU_SKEW_US"); return e ? std::atoi(e) : 5000; }();
+inline WarpCtx& cur_warp() {
+  if (g_skew) {
+    const int w = threadIdx.x / 32, d = g_skew == 1 ? w : 7 - w;
+    if (d) std::this_thread::sleep_for(std::chrono::microseconds(g_skew_us * d));
+  }
+  return g_warps[threadIdx.x / 32];
+}
 inline int cur_lane() { return threadIdx.x % 32; }
 
 void cp_async_flush_all();
