@@ -38,7 +38,7 @@ cudaError_t forward(const FwdParams& p, int64_t N, cudaStream_t stream) {
   using I128 = std::integral_constant<int, 128>;
   using W4 = std::integral_constant<int, 4>;
   using W8 = std::integral_constant<int, 8>;
-  const bool wide = sweep_block_columns(p.V) == 128;
+  const bool wide = p.block_columns == 128;
   if (p.K <= 64) return wide ? run(I64{}, W8{}) : run(I64{}, W4{});
   if (p.K <= 128) return wide ? run(I128{}, W8{}) : run(I128{}, W4{});
   return cudaErrorInvalidValue;  // the host side routes K > 128 to the ATen form

@@ -10,6 +10,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+
 #include "common/alloc.h"
 #include "lion/launch.h"
 #include "lion/lion.h"
@@ -20,6 +22,17 @@ using at::Tensor;
 
 bool has(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// LINFLOW_LION_COLUMNS=64|128 fixes the value columns of a sweep block (4 / 8 warps; a tuning knob for benchmarks;
+// unset or anything else: sweep_block_columns' rule). Read once.
+int block_columns_override() {
+  static const int w = [] {
+    const char* e = std::getenv("LINFLOW_LION_COLUMNS");
+    const int v = e ? std::atoi(e) : 0;
+    return (v == 64 || v == 128) ? v : 0;
+  }();
+  return w;
+}
 
 bool use_kernels(const Config& c, const Tensor& q) {
   return c.mode == Mode::chunked && c.chunk_size == chunk::C &&
@@ -49,7 +62,7 @@ Tensor fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const std::op
   }
   if (varlen) cu = cu_seqlens->to(at::kLong).contiguous();
   const int64_t slots = chunk::num_slots(varlen, c.T, c.N);
-  const int64_t BV = sweep_block_columns(c.V), nvt = (c.V + BV - 1) / BV;
+  const int64_t BV = sweep_block_columns(c.V, block_columns_override()), nvt = (c.V + BV - 1) / BV;
   Tensor part = at::empty({slots, c.H, nvt, chunk::C * BV}, f32);
   Tensor den = normalize ? at::empty({slots, c.H, chunk::C}, f32) : Tensor();
   Tensor o = new_output({c.B, c.T, c.H, c.V}, q.options());
@@ -70,6 +83,7 @@ Tensor fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const std::op
   p.normalize = normalize;
   p.vec_k = c.K % 8 == 0 && aligned16(qc) && aligned16(kc);
   p.vec_v = c.V % 8 == 0 && aligned16(vc);
+  p.block_columns = static_cast<int>(BV);
   C10_CUDA_CHECK(launch_forward(p, q.scalar_type() == at::kBFloat16 ? Elem::bf16 : Elem::f16, c.N,
                                 at::cuda::getCurrentCUDAStream()));
   return o;

@@ -1,6 +1,6 @@
 // LION forward, chunked form (ALGORITHMS.md §4), bf16/fp16 operands on tensor cores (mma.sync m16n8k16), fp32
 // accumulation, no K x V state in memory. Per sequence and head, with forward / backward log gates gf, gb
-// (lion.h / lion_aten.cpp: none = 0, fixed = log lam, selective = g [shifted by one token for "lion_code"], g_backward):
+// (as in lion_aten.cpp: none = 0, fixed = log lam, selective = g [one token late for "lion_code"] / g_backward):
 //   PF_i = sum_{j <= i} e^(cF_i - cF_j) (q_i.k_j) v_j     (forward sweep, diagonal included)
 //   PB_i = sum_{j >  i} e^(cB_j - cB_i) (q_i.k_j) v_j     (backward sweep, strict)
 //   o = s (PF + PB)  or, normalised, s (PF + PB) / (s (DF + DB) + eps), D = the same sums with v_j = 1.
@@ -269,13 +269,16 @@ __global__ void __launch_bounds__(NW * 32) sweep_kernel(FwdParams p) {
       }
       mma::mma_acc<false>(S, a, Ks, ld_h(KP), 0, 16 * rb);  // B[u][k] = K[u][k]
     }
-    if (den_here) {
-      for (int i = threadIdx.x; i < KP; i += NT) {
-        float zi = s.z[i] * eC;
+    if (den_here) {  // ZS adjacent lanes a k index, tokens interleaved, combined by shuffles
+      constexpr int ZS = NT / KP;
+      static_assert(ZS >= 1 && ZS <= 4 && NT == ZS * KP, "every thread takes part in the z update");
+      const int i = threadIdx.x / ZS, zp = threadIdx.x % ZS;
+      float zi = 0.f;
 #pragma unroll 8
-        for (int u = 0; u < C; ++u) zi += s.kd[u] * tile::to_f(Ks[u * ld_h(KP) + i]);
-        s.z[i] = zi;
-      }
+      for (int u = zp; u < C; u += ZS) zi += s.kd[u] * tile::to_f(Ks[u * ld_h(KP) + i]);
+#pragma unroll
+      for (int off = 1; off < ZS; off *= 2) zi += __shfl_xor_sync(0xffffffff, zi, off);
+      if (zp == 0) s.z[i] = s.z[i] * eC + zi;
     }
   }
 }

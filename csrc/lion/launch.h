@@ -24,10 +24,15 @@ struct FwdParams {
   float scale, eps;
   bool normalize;
   bool vec_k, vec_v;      // 16-byte loads allowed along K / V
+  int block_columns;      // sweep_block_columns(V, ...): 64 (4 warps) or 128 (8 warps); sizes part
 };
 
-// Value columns a block of the sweep kernels owns (16 a warp): 64 for V <= 64, else 128.
-inline int sweep_block_columns(int64_t V) { return V <= 64 ? 64 : 128; }
+// Value columns a block of the sweep kernels owns (16 a warp): 64 for V <= 64, else 128; `forced` (64 or 128, from
+// LINFLOW_LION_COLUMNS: a tuning knob for benchmarks) overrides the rule.
+inline int sweep_block_columns(int64_t V, int forced = 0) {
+  if (forced == 64 || forced == 128) return forced;
+  return V <= 64 ? 64 : 128;
+}
 
 // Forward, `mode="chunked"`: the forward sweep (partials to part / den), then the backward sweep (adds, normalises,
 // writes o). q, k, v bf16 or fp16, K <= 128, any V (1..256), N <= 65535 sequences.
