@@ -13,24 +13,19 @@ namespace linflow::delta_rule {
 
 
 namespace step {
+constexpr int kThreads = 256;
 constexpr int BV = kStepColumns;           // state columns per block
 constexpr int kColGroups = BV / 4;         // 4 consecutive columns per thread
+constexpr int kRowGroups = kThreads / kColGroups;
+constexpr int kWarps = kThreads / 32;
 constexpr int TC = 8;                      // tokens staged in shared memory at a time
 constexpr int kSums = 9;                   // per column group: S^T k (4), S^T q (4), q . k (1)
 
-// Block shape for head dim K: NT threads, R rows a thread (K <= R NT / kColGroups). The step is a pure stream of
-// the state (read once, written once), so the shape maximises the state bytes in flight per multiprocessor: the
-// slab lives in registers, and more rows a thread amortise the ~40 registers of addressing and sums over more state
-// (K = 128: 8 rows x 128 threads hold 44% of the register file as state, 4 rows x 256 threads 25%).
-// LINFLOW_STEP_THREADS=256 keeps the earlier 256-thread shape for every K (A/B measurements).
-struct Shape { int R, NT; };
-inline constexpr Shape shape_for(int64_t K, bool wide) {
-  if (wide) return {K <= 32 ? 1 : K <= 64 ? 2 : K <= 128 ? 4 : 8, 256};
-  return K <= 32 ? Shape{2, 128} : K <= 64 ? Shape{4, 128} : K <= 128 ? Shape{8, 128} : Shape{8, 256};
-}
-// Resident blocks per SM asked of the register allocator: 256-thread blocks 64 / 80 registers a thread (R <= 4 /
-// R = 8), 128-thread blocks ~80 / 96 (R <= 4 / R = 8).
-inline constexpr int min_blocks(int R, int NT) { return NT == 256 ? (R <= 4 ? 4 : 3) : (R <= 4 ? 6 : 5); }
+// Rows per thread for head dim K (K <= 32 R).
+inline constexpr int rows_per_thread(int64_t K) { return K <= 32 ? 1 : K <= 64 ? 2 : K <= 128 ? 4 : 8; }
+// Resident blocks per SM asked of the register allocator (64 / 80 registers a thread): enough 16-byte loads in
+// flight to keep HBM busy while other blocks reduce.
+inline constexpr int min_blocks(int R) { return R <= 4 ? 4 : 3; }
 
 __device__ __forceinline__ float load_float(const void* p, int64_t i, FloatKind kind) {
   switch (kind) {
@@ -42,15 +37,13 @@ __device__ __forceinline__ float load_float(const void* p, int64_t i, FloatKind 
 }  // namespace step
 
 // Grid: one block per (v-tile, head, batch row), v-tile fastest (neighbouring blocks stream neighbouring state
-// memory). Thread (rg, cg) = (tid / 8, tid % 8) holds rows rg + (NT / 8) i, columns 4 cg .. 4 cg + 3 of the slab; the
+// memory). Thread (rg, cg) = (tid / 8, tid % 8) holds rows rg + 32 i, columns 4 cg .. 4 cg + 3 of the slab; the
 // K-sums S^T k, S^T q are warp shuffles over rg plus a shared-memory pass over warps (two barriers per token; the
 // next token's writes to partial / total come after both, so one buffer of each suffices).
 // Padding rows (state_indices[b] < 0) leave the state alone and write o = 0.
-template <int R, int NT, typename T>
-__global__ void __launch_bounds__(NT, step::min_blocks(R, NT)) step_kernel(const StepParams p) {
+template <int R, typename T>
+__global__ void __launch_bounds__(step::kThreads, step::min_blocks(R)) step_kernel(const StepParams p) {
   using namespace step;
-  constexpr int kThreads = NT, kRowGroups = NT / kColGroups, kWarps = NT / 32;
-  static_assert(kWarps * 32 == NT && kThreads >= kSums * kColGroups, "block too small for the sums");
   constexpr int KP = R * kRowGroups;  // padded head dim: rows >= K are zero in registers and in qs / ks
   __shared__ __align__(16) float qs[TC][KP];
   __shared__ __align__(16) float ks[TC][KP];
