@@ -27,6 +27,8 @@ cudaError_t launch(Kernel kernel, dim3 grid, size_t smem, const Params& p, cudaS
 // Measured on the H100 (B1 T65536 H16 K=V=128, bf16): 4-warp blocks (32 blocks) beat 1-warp blocks (128 blocks),
 // fwd 7.90 -> 6.56 ms, fwd+bwd 28.9 -> 25.1 ms: a chunk step is bound by one warp's instruction issue, and a wider
 // block splits the chunk's tile loads between its warps, so it finishes each step sooner even with fewer blocks.
+// The backward pass caps at 4 warps as well: 8-warp blocks were slower at B1 T65536 (fwd+bwd 22.9 ms against
+// 19.5 ms with 4) and equal at B8 T4096 (5.25 / 5.29 ms).
 // `forced` (FwdParams::state_warps, from LINFLOW_STATE_WARPS) overrides the rule, for tuning experiments.
 template <typename F>
 cudaError_t with_state_warps(int64_t V, int max_warps, int forced, F&& f) {
@@ -82,7 +84,7 @@ cudaError_t backward(BwdParams& b, int64_t slots, int64_t N, cudaStream_t stream
       cudaError_t err = launch(local_dvn_kernel<KP, T>, dim3(ns, H), LocalDvnSmem<KP, T>::carve(nullptr, nullptr), b,
                                stream);
       if (err != cudaSuccess) return err;
-      err = with_state_warps(b.f.V, 8, b.f.state_warps, [&](auto nw) {
+      err = with_state_warps(b.f.V, 4, b.f.state_warps, [&](auto nw) {
         constexpr int NW = decltype(nw)::value;
         const unsigned nvw = static_cast<unsigned>((b.f.V + 16 * NW - 1) / (16 * NW));
         return launch(state_bwd_mma_kernel<KP, NW, T>, dim3(nvw, H, static_cast<unsigned>(N)),

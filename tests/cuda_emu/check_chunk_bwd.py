@@ -1,9 +1,9 @@
 """CPU check of chunk_bwd_mma_kernel without a GPU: the real kernel source runs on an emulation of the CUDA
-features it uses (tools/cuda_emu/shim: one OS thread per CUDA thread, warp collectives and mma.sync / ldmatrix
+features it uses (tests/cuda_emu/shim: one OS thread per CUDA thread, warp collectives and mma.sync / ldmatrix
 through per-warp exchange slots, deferred cp.async, shared memory poisoned with 0xFF), on random bf16 inputs
 (q, k, v, beta, g, dO, vn, dvn, h, dh taken as given), against a float64 numpy transcription of the per-chunk
 math in csrc/delta_rule/kernels_bwd.cuh. Slow (seconds a block); bf16 and fp16.
-    python tools/cuda_emu/check_chunk_bwd.py [case ...]
+    python tests/cuda_emu/check_chunk_bwd.py [case ...]
 EMU_SKEW=1 (or 2) delays warp w (or 7 - w) by w x 5 ms at every warp collective: a missing __syncthreads then
 reads poisoned shared memory (a removed barrier before the dQK / G reads is caught this way; ~20 s a block).
 """
