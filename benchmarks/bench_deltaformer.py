@@ -232,9 +232,13 @@ def main(argv=None) -> int:
             else:
                 o = run.train("linflow", VARIANT, shape,
                               lambda: (lambda: lf.deltaformer(q, k, v, beta, chunk_size=C)), None, False, dims, False,
-                              flops, bytes_, keep_output=fla_fn is not None)
+                              flops, bytes_, keep_output=False)
             if fla_fn is not None:
-                ref = o if lf is not None else None
+                # fla writes with w = q (ours times the paper's default w = k): compare outputs at fla's semantics
+                ref = None
+                if lf is not None:
+                    with torch.no_grad():
+                        ref = lf.deltaformer(q, k, v, beta, w=q, chunk_size=C)
                 run.train(fla_impl, VARIANT, shape, lambda: (lambda: fla_fn(q, k, v, beta)), None, False, dims, True,
                           flops, bytes_, check_against=ref)
             else:
