@@ -7,6 +7,7 @@
 
 #include "delta_rule/kernels.cuh"
 #include "delta_rule/kernels_bwd.cuh"
+#include "common/launch.cuh"
 #include "delta_rule/launch.h"
 #include "delta_rule/state_mma.cuh"
 
@@ -16,11 +17,7 @@ namespace {
 template <typename Kernel, typename Params>
 cudaError_t launch(Kernel kernel, dim3 grid, size_t smem, const Params& p, cudaStream_t stream,
                    int threads = tile::kThreads) {
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, threads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, threads, smem, p, stream);
 }
 
 // Warps per block of the register-state passes (a block owns 16 value columns a warp): the widest block that V fills.
@@ -91,11 +88,7 @@ cudaError_t backward(BwdParams& b, int64_t slots, int64_t N, cudaStream_t stream
                       StateMmaSmem<KP, NW, T>::carve(nullptr, nullptr, 3, 2), b, stream, NW * 32);
       });
       if (err != cudaSuccess) return err;
-      // chunk_bwd: the mma.sync kernel (KP 64 / 128; one block of 8 warps a multiprocessor, ~200 KB of shared
-      // memory at KP 128); the WMMA kernel on LINFLOW_CHUNK_BWD=wmma, for A/B comparisons.
-      if (b.chunk_bwd_wmma)
-        return launch(chunk_bwd_kernel<KP, T>, dim3(static_cast<unsigned>(slots), H),
-                      ChunkBwdSmem<KP, T>::carve(nullptr, nullptr), b, stream);
+      // chunk_bwd (KP 64 / 128): one block of 8 warps a multiprocessor, ~200 KB of shared memory at KP 128.
       return launch(chunk_bwd_mma_kernel<KP, T>, dim3(static_cast<unsigned>(slots), H),
                     ChunkBwdMmaSmem<KP, T>::carve(nullptr, nullptr), b, stream);
     }

@@ -39,16 +39,6 @@ int state_warps_override() {
   return w;
 }
 
-// LINFLOW_CHUNK_BWD=wmma runs the backward's chunk-gradient pass on the older WMMA kernel (for A/B comparisons);
-// unset or anything else: the mma.sync kernel. Read once.
-bool chunk_bwd_wmma() {
-  static const bool w = [] {
-    const char* e = std::getenv("LINFLOW_CHUNK_BWD");
-    return e != nullptr && std::string(e) == "wmma";
-  }();
-  return w;
-}
-
 // Inputs converted for the kernels (contiguous q/k/v, fp32 beta/g/h0, int64 cu_seqlens) and the recomputation
 // buffers w, u, vn, h.
 struct Prepared {
@@ -149,7 +139,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_cuda(
     b.dbeta = dbeta.data_ptr<float>();
     b.dg = gated ? dg.data_ptr<float>() : nullptr;
     b.dh0 = has_h0 ? dh0.data_ptr<float>() : nullptr;
-    b.chunk_bwd_wmma = chunk_bwd_wmma();
     C10_CUDA_CHECK(launch_chunk_backward(b, elem(q), r.slots, s.N, at::cuda::getCurrentCUDAStream()));
   }
   return {dq, dk, dv, dbeta.to(beta.scalar_type()),

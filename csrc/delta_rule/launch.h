@@ -33,7 +33,6 @@ struct BwdParams {
   void *dh, *dvn, *dvl;        // workspaces: [slots,H,K,V], [B,T,H,V], [B,T,H,V] (P^T dO)
   void *dq, *dk, *dv;          // [B,T,H,K|V]
   float *dbeta, *dg, *dh0;     // [B,T,H] fp32, [B,T,H] fp32 (or null), [N,H,K,V] fp32 (or null)
-  bool chunk_bwd_wmma;         // run the WMMA chunk_bwd_kernel instead of chunk_bwd_mma_kernel (LINFLOW_CHUNK_BWD)
 };
 
 

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include "common/launch.cuh"
 #include "common/mma.cuh"
 #include "common/tile.cuh"
 #include "deltaformer/read.h"
@@ -326,15 +327,6 @@ __global__ void __launch_bounds__(kThreads) read_bwd_kernel(ReadBwdParams b) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-template <typename Kernel, typename Params>
-cudaError_t launch(Kernel kernel, dim3 grid, int threads, size_t smem, const Params& p, cudaStream_t stream) {
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, threads, smem, stream>>>(p);
-  return cudaGetLastError();
-}
-
 // Runtime head dims -> padded compile-time tiles (64 or 128 each).
 template <typename F>
 cudaError_t with_dims(int K, int V, F&& f) {
@@ -349,7 +341,7 @@ template <typename T>
 cudaError_t fwd(const ReadFwdParams& p, int64_t slots, cudaStream_t s) {
   return with_dims(p.K, p.V, [&](auto kp, auto vp) {
     constexpr int KP = decltype(kp)::value, VP = decltype(vp)::value;
-    return launch(read_fwd_kernel<KP, VP, T>, dim3(static_cast<unsigned>(slots * p.H)), kThreads,
+    return launch_kernel(read_fwd_kernel<KP, VP, T>, dim3(static_cast<unsigned>(slots * p.H)), kThreads,
                   FwdSmem<KP, VP, T>::kBytes, p, s);
   });
 }
@@ -363,7 +355,7 @@ cudaError_t bwd(const ReadBwdParams& b, int64_t slots, int64_t tokens, cudaStrea
   if (err != cudaSuccess) return err;
   return with_dims(b.f.K, b.f.V, [&](auto kp, auto vp) {
     constexpr int KP = decltype(kp)::value, VP = decltype(vp)::value;
-    return launch(read_bwd_kernel<KP, VP, T>, dim3(static_cast<unsigned>(slots * b.f.Hkv)), kThreads,
+    return launch_kernel(read_bwd_kernel<KP, VP, T>, dim3(static_cast<unsigned>(slots * b.f.Hkv)), kThreads,
                   BwdSmem<KP, VP, T>::kBytes, b, s);
   });
 }
