@@ -22,6 +22,17 @@
 // the masked score block A = (Q K^T) o E is computed once a block (warp w: rows 16 (w % 4).., columns split over
 // w / 4), stored to shared memory in 16 bits and read back as the B operand of O^T += V^T A^T. Tiles stream in by
 // cp.async (two stages); two block barriers a chunk.
+//
+// Backward (lion_bwd with LINFLOW_LION_BWD=kernel; cuda_host.cpp bwd_kernels has the math): the gradients of a
+// symmetric mask are LION products again, so the same launch pair runs them in gradient mode (GR = true):
+//   o = PF + PB unnormalised (scale 1), with an optional rank-one score term: scores q_r . k_u + a_r b_u (ext; the
+//   ones column of V' = [V, 1] and its gradient g0). Intra-chunk it is added to the score block before the mask;
+//   across chunks each thread keeps w_u = sum over passed tokens of decay b_j v_j[u] for its two value columns
+//   (updated like S: w = e^gL w + V^T diag(kd b), the 4 lanes of a column group splitting the tokens) and adds
+//   fac_r a_r w_u to O^T. rowdot_r = x_r . (PF_r - PB_r) (the per-direction dot products of dg), reduced over the 8
+//   column groups of a warp by shuffles and over the warps in shared memory (one extra barrier a chunk); it needs
+//   all of a row's columns in one block (V <= BV). In forward mode rowdot_r = x_r . o_r in fp32, and
+//   inv_r = 1 / (s D_r + eps): the recompute launch of the normalised backward writes only these (o = null).
 #pragma once
 #include "common/chunk.cuh"
 #include "common/mma.cuh"

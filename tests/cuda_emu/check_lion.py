@@ -4,7 +4,9 @@ emulation of tests/cuda_emu/shim (see check_chunk_bwd.py), driven by lion_main.c
   backward: the host pipeline of cuda_host.cpp's bwd_kernels transcribed in numpy (recompute launch -> 1/den and
             dO . o; three gradient-mode launch pairs -> dv, dq (+ q . (PF - PB)), dk (+ k . (PF - PB)); dg as the
             per-sequence reverse cumsum; dlam) against torch float64 autograd of lion_ref.
-    python tests/cuda_emu/check_lion.py [case ...]        (needs g++, numpy, torch)
+    python tests/cuda_emu/check_lion.py [--quick] [case ...]        (needs g++, numpy, torch)
+--quick: the QUICK cases on a build with only the K, V <= 64 instantiation (the pytest; ~1 min on 2 free cores);
+the full list takes several minutes. EMU_SKEW=1 EMU_SKEW_US=300 checks the barriers (slow: one small case).
 """
 import numpy as np, os, subprocess, sys, tempfile
 import torch
@@ -17,8 +19,9 @@ WORK = tempfile.mkdtemp(prefix="cuda_emu_lion_")
 BIN = os.path.join(WORK, "lion_emu")
 subprocess.run([sys.executable, os.path.join(HERE, "make_shims.py"), os.path.join(ROOT, "csrc"),
                 os.path.join(WORK, "shim")], check=True)
-subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-I" + os.path.join(WORK, "shim"),
-                "-I" + os.path.join(HERE, "shim"), "-I" + os.path.join(ROOT, "csrc"),
+QUICK_BUILD = "--quick" in sys.argv
+subprocess.run(["g++", "-std=c++20", "-O1", "-pthread"] + (["-DLION_EMU_SMALL"] if QUICK_BUILD else []) +
+               ["-I" + os.path.join(WORK, "shim"), "-I" + os.path.join(HERE, "shim"), "-I" + os.path.join(ROOT, "csrc"),
                 os.path.join(HERE, "lion_main.cpp"), "-o", BIN], check=True)
 C = 64
 
@@ -173,8 +176,15 @@ cases = {
     "sel_norm_T128_K128_V128": dict(B=1, T=128, H=1, K=128, V=128, decay="selective", normalize=True),
     "none_norm_T65_K16_V24_f16": dict(B=1, T=65, H=1, K=16, V=24, decay="none", normalize=True, f16=True),
 }
+QUICK = ["sel_norm_T100_K64_V48", "sel_raw_T1_K32_V16", "varlen_fixed_norm_K48_V32_f16", "none_raw_T70_K24_V40"]
+cases.update({
+    "varlen_fixed_norm_K48_V32_f16": dict(B=1, T=0, H=1, K=48, V=32, decay="fixed", normalize=True, f16=True,
+                                          cu=[0, 9, 75, 100]),
+    "none_raw_T70_K24_V40": dict(B=1, T=70, H=1, K=24, V=40, decay="none", normalize=False),
+})
 if __name__ == "__main__":
-    sel = sys.argv[1:] or list(cases)
+    args = [a for a in sys.argv[1:] if a != "--quick"]
+    sel = args or (QUICK if QUICK_BUILD else list(cases))
     allok = True
     for nm in sel:
         allok &= run(nm, **cases[nm])

@@ -1,6 +1,6 @@
 // CPU emulation driver of the LION sweep kernels (csrc/lion/kernels.cuh): one launch pair (forward sweep, then
 // backward sweep) of sweep_kernel in forward mode (GR = 0) or gradient mode (GR = 1), inputs / outputs as raw files
-// in a run directory written by check_lion.py.   lion_emu <dir> bf16|f16 <GR>
+// in a run directory written by check_lion.py.   lion_emu <dir> bf16|f16 <GR>   (-DLION_EMU_SMALL: K, V <= 64)
 #include "emu.h"
 #include "lion/kernels.cuh"
 #include <fstream>
@@ -59,8 +59,13 @@ void run_pair(const FwdParams& p, int KP, int NW, int nvt, int H, int N) {
   using I128 = std::integral_constant<int, 128>;
   using W4 = std::integral_constant<int, 4>;
   using W8 = std::integral_constant<int, 8>;
+#ifdef LION_EMU_SMALL  // quick build: K, V <= 64 only (KP 64, 4 warps)
+  if (KP != 64 || NW != 4) { std::fprintf(stderr, "LION_EMU_SMALL build: K, V <= 64 only\n"); std::exit(1); }
+  go(I64{}, W4{});
+#else
   if (KP == 64) { if (NW == 4) go(I64{}, W4{}); else go(I64{}, W8{}); }
   else { if (NW == 4) go(I128{}, W4{}); else go(I128{}, W8{}); }
+#endif
 }
 
 template <typename T>
