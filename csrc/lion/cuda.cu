@@ -12,11 +12,11 @@
 namespace linflow::lion {
 namespace {
 
-template <int KP, int NW, bool BWD, typename T>
+template <int KP, int NW, bool BWD, typename T, bool GR>
 cudaError_t launch_sweep(const FwdParams& p, int64_t N, cudaStream_t stream) {
   constexpr int BV = 16 * NW;
   const size_t smem = SweepSmem<KP, NW, T>::bytes();
-  auto kernel = sweep_kernel<KP, NW, BWD, T>;
+  auto kernel = sweep_kernel<KP, NW, BWD, T, GR>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>((p.V + BV - 1) / BV), static_cast<unsigned>(p.H), static_cast<unsigned>(N));
@@ -25,14 +25,14 @@ cudaError_t launch_sweep(const FwdParams& p, int64_t N, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename T>
+template <typename T, bool GR>
 cudaError_t forward(const FwdParams& p, int64_t N, cudaStream_t stream) {
   auto run = [&](auto kp, auto nw) -> cudaError_t {
     constexpr int KP = decltype(kp)::value, NW = decltype(nw)::value;
     static_assert(16 * NW == 64 || 16 * NW == 128, "sweep_block_columns");
-    cudaError_t err = launch_sweep<KP, NW, false, T>(p, N, stream);
+    cudaError_t err = launch_sweep<KP, NW, false, T, GR>(p, N, stream);
     if (err != cudaSuccess) return err;
-    return launch_sweep<KP, NW, true, T>(p, N, stream);
+    return launch_sweep<KP, NW, true, T, GR>(p, N, stream);
   };
   using I64 = std::integral_constant<int, 64>;
   using I128 = std::integral_constant<int, 128>;
@@ -47,8 +47,15 @@ cudaError_t forward(const FwdParams& p, int64_t N, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_forward(const FwdParams& p, Elem e, int64_t N, cudaStream_t s) {
-  if (e == Elem::bf16) return forward<__nv_bfloat16>(p, N, s);
-  if (e == Elem::f16) return forward<__half>(p, N, s);
+  if (e == Elem::bf16) return forward<__nv_bfloat16, false>(p, N, s);
+  if (e == Elem::f16) return forward<__half, false>(p, N, s);
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_grad_sweeps(const FwdParams& p, Elem e, int64_t N, cudaStream_t s) {
+  if (p.normalize) return cudaErrorInvalidValue;  // gradient mode sums PF + PB unnormalised
+  if (e == Elem::bf16) return forward<__nv_bfloat16, true>(p, N, s);
+  if (e == Elem::f16) return forward<__half, true>(p, N, s);
   return cudaErrorInvalidValue;
 }
 

@@ -3,7 +3,11 @@
 // chunk_size 64 (the kernels' chunk), K <= 128 and at most 65535 sequences runs the register-state sweep kernels
 // (kernels.cuh): every decay, both conventions, g_backward, normalize on/off, cu_seqlens, any T and V. Everything
 // else takes the device-generic ATen form (lion_aten.cpp): fp32 inputs (their tests expect fp32-accurate results,
-// not 16-bit operands), K > 128, modes "full" and "recurrent", other chunk sizes, and the whole backward.
+// not 16-bit operands), K > 128, modes "full" and "recurrent", other chunk sizes.
+// The backward runs the ATen form by default. LINFLOW_LION_BWD=kernel (read once) opts in to the sweep kernels'
+// backward (bwd_kernels below) for the forward kernel's cases with V <= 128, the symmetric mask (any decay; not
+// selective "lion_code") and no g_backward; the rest stays on ATen. Opt-in only: so far verified on the CPU emulation
+// of CUDA (tests/cuda_emu/check_lion.py), not yet run on a GPU.
 #ifdef LINFLOW_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -11,6 +15,7 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <string>
 
 #include "common/alloc.h"
 #include "lion/launch.h"
@@ -37,6 +42,22 @@ int block_columns_override() {
 bool use_kernels(const Config& c, const Tensor& q) {
   return c.mode == Mode::chunked && c.chunk_size == chunk::C &&
          (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf) && c.K <= 128 && c.N <= 65535;
+}
+
+// LINFLOW_LION_BWD=kernel: lion_bwd on the sweep kernels where supported (see the file comment). Read once.
+bool bwd_kernels_requested() {
+  static const bool on = [] {
+    const char* e = std::getenv("LINFLOW_LION_BWD");
+    return e && std::string(e) == "kernel";
+  }();
+  return on;
+}
+
+// The gradient sweeps run the mask M as given (forward sweep: j <= i, backward sweep: j > i), and dk / dv need M^T:
+// the same mask only when it is symmetric (gf = gb). Query / key dims of the dq, dk sweeps are V: V <= 128.
+bool use_bwd_kernels(const Config& c, const Tensor& q, const std::optional<Tensor>& g_backward) {
+  return use_kernels(c, q) && c.V <= 128 && !has(g_backward) &&
+         !(c.decay == Decay::selective && c.convention == Convention::lion_code);
 }
 
 Tensor fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& g,
@@ -89,11 +110,137 @@ Tensor fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const std::op
   return o;
 }
 
+// Backward on the sweep kernels (symmetric mask M = M^T; s = scale; G = s dP, dP = dL/dP with P = s ((Q K^T) o M) V'):
+//   normalised: o = P / (s D + eps), so G = s dO inv (V columns) and the denominator column's g0 = -s (dO . o) inv,
+//     inv = 1 / (s D + eps); one recompute launch pair (forward mode) writes inv and dO . o per row (rowdot);
+//   dv = ((K Q^T) o M) G                    (sweeps of (k, q, G))
+//   dq = ((G V^T + g0 1^T) o M) K           (sweeps of (G, v, k), rank-one term a = g0, b = 1)
+//   dk = ((V G^T + 1 g0^T) o M) Q           (sweeps of (v, G, q), rank-one term a = 1, b = g0)
+//   gates (ALGORITHMS.md §4 / lion_aten.cpp full_bwd with h = dA o A): per token t
+//     dg_pre_t = q_t . (dqF - dqB)_t + k_t . (dkF - dkB)_t - 2 h_tt,   h_tt = (G_t . v_t + g0_t) (q_t . k_t),
+//     F / B = the forward / backward sweep's part (rowdot of the gradient sweeps), dg = the per-sequence reverse
+//     cumsum of dg_pre; fixed decay: d log lam = sum over tokens of dg, dlam = that / lam.
+// Returns what bwd_aten returns.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_kernels(
+    const Config& c, const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& g,
+    const std::optional<Tensor>& lam, const std::optional<Tensor>& cu_seqlens, const Tensor& grad_o) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const bool varlen = has(cu_seqlens), gated = c.decay != Decay::none;
+  const auto st = q.scalar_type();
+  const Elem el = st == at::kBFloat16 ? Elem::bf16 : Elem::f16;
+  const auto f32 = q.options().dtype(at::kFloat);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  Tensor qc = q.contiguous(), kc = k.to(st).contiguous(), vc = v.to(st).contiguous();
+  Tensor dO = grad_o.to(st).contiguous();
+  Tensor gf, lam_log, cu;
+  if (c.decay == Decay::selective) gf = g->to(at::kFloat).contiguous();
+  if (c.decay == Decay::fixed) lam_log = lam->to(f32).log().contiguous();
+  if (varlen) cu = cu_seqlens->to(at::kLong).contiguous();
+  const int64_t slots = chunk::num_slots(varlen, c.T, c.N);
+  Tensor part = at::empty({slots, c.H, chunk::C * 128}, f32);  // one v-tile of at most 128 columns a call
+  const double s = c.scale;
+
+  auto params = [&](const Tensor& a, const Tensor& b, const Tensor& val, int64_t Dqk, int64_t Dv) {
+    FwdParams p{};
+    p.q = a.data_ptr(); p.k = b.data_ptr(); p.v = val.data_ptr();
+    p.gf = p.gb = gf.defined() ? gf.data_ptr<float>() : nullptr;
+    p.lam_log = lam_log.defined() ? lam_log.data_ptr<float>() : nullptr;
+    p.part = part.data_ptr<float>();
+    p.seq = {varlen ? cu.data_ptr<int64_t>() : nullptr, c.T, static_cast<int>(c.N)};
+    p.H = static_cast<int>(c.H); p.K = static_cast<int>(Dqk); p.V = static_cast<int>(Dv);
+    p.scale = 1.f;
+    p.eps = static_cast<float>(c.eps);
+    p.vec_k = Dqk % 8 == 0 && aligned16(a) && aligned16(b);
+    p.vec_v = Dv % 8 == 0 && aligned16(val);
+    p.block_columns = sweep_block_columns(Dv);  // one v-tile (Dv <= 128): rowdot needs every column in the block
+    return p;
+  };
+
+  Tensor G, g0;
+  if (c.normalize) {
+    Tensor den = at::empty({slots, c.H, chunk::C}, f32);
+    Tensor delta = at::empty({c.B, c.T, c.H}, f32), inv = at::empty({c.B, c.T, c.H}, f32);
+    FwdParams p = params(qc, kc, vc, c.K, c.V);
+    p.normalize = true;
+    p.scale = static_cast<float>(s);
+    p.den = den.data_ptr<float>();
+    p.o = nullptr;  // only inv and dO . o
+    p.inv = inv.data_ptr<float>();
+    p.rowx = dO.data_ptr();
+    p.rowdot = delta.data_ptr<float>();
+    C10_CUDA_CHECK(launch_forward(p, el, c.N, stream));
+    G = (dO.to(at::kFloat) * (inv * s).unsqueeze(-1)).to(st);
+    g0 = (delta * inv).mul_(-s).contiguous();
+  } else {
+    G = s == 1.0 ? dO : (dO.to(at::kFloat) * s).to(st);
+  }
+
+  Tensor dq = new_output({c.B, c.T, c.H, c.K}, q.options()), dk = new_output({c.B, c.T, c.H, c.K}, q.options());
+  Tensor dv = new_output({c.B, c.T, c.H, c.V}, q.options());
+  Tensor rq = gated ? at::empty({c.B, c.T, c.H}, f32) : Tensor(), rk = gated ? at::empty_like(rq) : Tensor();
+  {
+    FwdParams p = params(kc, qc, G, c.K, c.V);
+    p.o = dv.data_ptr();
+    C10_CUDA_CHECK(launch_grad_sweeps(p, el, c.N, stream));
+  }
+  for (int which = 0; which < 2; ++which) {  // 0: dq, 1: dk
+    FwdParams p = which == 0 ? params(G, vc, kc, c.V, c.K) : params(vc, G, qc, c.V, c.K);
+    p.o = which == 0 ? dq.data_ptr() : dk.data_ptr();
+    if (gated) {
+      p.rowx = which == 0 ? qc.data_ptr() : kc.data_ptr();
+      p.rowdot = which == 0 ? rq.data_ptr<float>() : rk.data_ptr<float>();
+    }
+    if (c.normalize) {
+      p.ext = true;
+      (which == 0 ? p.ext_a : p.ext_b) = g0.data_ptr<float>();
+    }
+    C10_CUDA_CHECK(launch_grad_sweeps(p, el, c.N, stream));
+  }
+
+  auto empty = [&] { return at::empty({0}, q.options()); };  // one per output: outputs must not alias
+  Tensor dg_out = empty(), dlam_out = empty();
+  if (gated) {
+    Tensor gv = (G.to(at::kFloat) * vc.to(at::kFloat)).sum(-1);
+    if (c.normalize) gv += g0;
+    Tensor pre = (rq + rk - 2.0 * gv * (qc.to(at::kFloat) * kc.to(at::kFloat)).sum(-1)).to(at::kDouble);
+    Tensor R = pre.flip(1).cumsum(1).flip(1);  // [B, T, H] reverse cumsum over the (packed) row
+    if (varlen) {  // per sequence: minus the reverse cumsum at the next sequence's start
+      Tensor pos = at::arange(c.T, cu.options());
+      Tensor end = cu.index({at::searchsorted(cu, pos, /*out_int32=*/false, /*right=*/true)});
+      Tensor Rp = at::cat({R, at::zeros({1, 1, c.H}, R.options())}, 1);
+      R = R - Rp.index_select(1, end);
+    }
+    if (c.decay == Decay::selective) {
+      dg_out = R.to(g->scalar_type());
+    } else {
+      dlam_out = (R.sum(at::IntArrayRef{0, 1}) / lam->to(at::kDouble)).to(lam->scalar_type());
+    }
+  }
+  return {dq, dk, dv, dg_out, empty(), dlam_out};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_cuda(
+    const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& g,
+    const std::optional<Tensor>& g_backward, const std::optional<Tensor>& lam, const std::optional<Tensor>& cu_seqlens,
+    const Tensor& grad_o, c10::string_view decay, c10::string_view decay_convention, bool normalize, double eps,
+    double scale, c10::string_view mode, int64_t chunk_size) {
+  if (bwd_kernels_requested()) {
+    const Config c = check_args("lion_bwd", q, k, v, g, g_backward, lam, cu_seqlens, std::string(decay),
+                                std::string(decay_convention), normalize, eps, scale, std::string(mode), chunk_size);
+    if (use_bwd_kernels(c, q, g_backward) && c.B * c.T > 0 && k.scalar_type() == q.scalar_type() &&
+        v.scalar_type() == q.scalar_type() && grad_o.dim() == 4 && grad_o.sizes() == v.sizes() &&
+        grad_o.device() == q.device())
+      return bwd_kernels(c, q, k, v, g, lam, cu_seqlens, grad_o);
+  }
+  return bwd_aten(q, k, v, g, g_backward, lam, cu_seqlens, grad_o, decay, decay_convention, normalize, eps, scale, mode,
+                  chunk_size);
+}
+
 }  // namespace
 }  // namespace linflow::lion
 
 TORCH_LIBRARY_IMPL(linflow, CUDA, m) {
   m.impl("lion_fwd", &linflow::lion::fwd_cuda);
-  m.impl("lion_bwd", &linflow::lion::bwd_aten);
+  m.impl("lion_bwd", &linflow::lion::bwd_cuda);
 }
 #endif  // LINFLOW_WITH_CUDA

@@ -22,6 +22,17 @@
 // the masked score block A = (Q K^T) o E is computed once a block (warp w: rows 16 (w % 4).., columns split over
 // w / 4), stored to shared memory in 16 bits and read back as the B operand of O^T += V^T A^T. Tiles stream in by
 // cp.async (two stages); two block barriers a chunk.
+//
+// Backward (lion_bwd with LINFLOW_LION_BWD=kernel; cuda_host.cpp bwd_kernels has the math): the gradients of a
+// symmetric mask are LION products again, so the same launch pair runs them in gradient mode (GR = true):
+//   o = PF + PB unnormalised (scale 1), with an optional rank-one score term: scores q_r . k_u + a_r b_u (ext; the
+//   ones column of V' = [V, 1] and its gradient g0). Intra-chunk it is added to the score block before the mask;
+//   across chunks each thread keeps w_u = sum over passed tokens of decay b_j v_j[u] for its two value columns
+//   (updated like S: w = e^gL w + V^T diag(kd b), the 4 lanes of a column group splitting the tokens) and adds
+//   fac_r a_r w_u to O^T. rowdot_r = x_r . (PF_r - PB_r) (the per-direction dot products of dg), reduced over the 8
+//   column groups of a warp by shuffles and over the warps in shared memory (one extra barrier a chunk); it needs
+//   all of a row's columns in one block (V <= BV). In forward mode rowdot_r = x_r . o_r in fp32, and
+//   inv_r = 1 / (s D_r + eps): the recompute launch of the normalised backward writes only these (o = null).
 #pragma once
 #include "common/chunk.cuh"
 #include "common/mma.cuh"
@@ -43,10 +54,11 @@ struct SweepSmem {
   static constexpr size_t kQ = align(sizeof(T) * C * ld_h(KP)), kV = align(sizeof(T) * C * ld_h(BV));
   static constexpr size_t kA = align(sizeof(T) * C * ld_h(C)), kCol = align(sizeof(float) * C);
   static constexpr size_t kZ = align(sizeof(float) * KP);
-  static constexpr size_t bytes() { return 2 * (2 * kQ + kV + kCol) + kA + (3 + NSPLIT) * kCol + kZ; }
+  static constexpr size_t bytes() { return 2 * (2 * kQ + kV + kCol) + kA + (3 + NSPLIT) * kCol + kZ + (4 + NW) * kCol; }
 
   T *Q[2], *K[2], *V[2], *A;
   float *g[2], *fac, *kd, *deni, *dsum[NSPLIT], *z;
+  float *ea[2], *eb[2], *rd;  // backward use: rank-one score factors (two stages), per-warp row-dot partials [NW][C]
   __device__ explicit SweepSmem(char* base) {
     size_t o = 0;
     auto take = [&](size_t n) { char* r = base + o; o += n; return r; };
@@ -62,13 +74,19 @@ struct SweepSmem {
     deni = reinterpret_cast<float*>(take(kCol));
     for (int i = 0; i < NSPLIT; ++i) dsum[i] = reinterpret_cast<float*>(take(kCol));
     z = reinterpret_cast<float*>(take(kZ));
+    for (int b = 0; b < 2; ++b) {
+      ea[b] = reinterpret_cast<float*>(take(kCol));
+      eb[b] = reinterpret_cast<float*>(take(kCol));
+    }
+    rd = reinterpret_cast<float*>(take(NW * kCol));  // kCol == C floats
   }
 };
 
 // One direction's sweep over the chunks of one (sequence, head, v-tile); see the file comment. BWD = false: the
 // forward sweep (chunks ascending, writes part / den); BWD = true: the backward sweep (chunks descending, reads
 // part / den, writes o). Requires NW in {4, 8} (the score block splits over 4 row tiles), KP in {64, 128}.
-template <int KP, int NW, bool BWD, typename T>
+// GR = true: gradient mode (see "Backward" below): the rank-one score term, rowdot of PF - PB.
+template <int KP, int NW, bool BWD, typename T, bool GR = false>
 __global__ void __launch_bounds__(NW * 32) sweep_kernel(FwdParams p) {
   constexpr int BV = 16 * NW, NT = 32 * NW, NK = KP / 8, NR = C / 8, NSPLIT = NW / 4, NJS = NR / NSPLIT;
   constexpr int TPR = NT / C;  // threads a row in the denominator's q.z
@@ -106,11 +124,23 @@ __global__ void __launch_bounds__(NW * 32) sweep_kernel(FwdParams p) {
     } else {  // fixed (log lam) or none (0); nothing else writes this buffer
       for (int r = threadIdx.x; r < C; r += NT) gd[r] = r < rows ? lam_log : 0.f;
     }
+    if constexpr (GR) {
+      if (p.ext) {  // rank-one factors, 0 past the sequence end (null: ones)
+        const float* src[2] = {p.ext_a, p.ext_b};
+        float* dst[2] = {b ? s.ea[1] : s.ea[0], b ? s.eb[1] : s.eb[0]};
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          if (src[i]) tile::fetch_column<C, NT>(dst[i], src[i] + tok0 * H + h, H, rows);
+          else for (int r = threadIdx.x; r < C; r += NT) dst[i][r] = r < rows ? 1.f : 0.f;
+        }
+      }
+    }
     tile::cp_async_commit();
   };
 
   float S[NK][4];  // S^T: rows = value columns ua / ub, cols = k index 8 j + 2 t (+1)
   mma::zero_acc(S);
+  float w[2] = {0.f, 0.f};  // GR, ext: w_u = sum over passed tokens of decay b_j v_j[u], u = ua / ub
   for (int i = threadIdx.x; i < KP; i += NT) s.z[i] = 0.f;
   if (nc > 0) prefetch(BWD ? nc - 1 : 0);
   for (int64_t it = 0; it < nc; ++it) {
@@ -121,6 +151,8 @@ __global__ void __launch_bounds__(NW * 32) sweep_kernel(FwdParams p) {
     __syncthreads();  // B1: chunk c's tiles landed; every warp is done with chunk c -/+ 1's buffers and scratch
     if (it + 1 < nc) prefetch(BWD ? c - 1 : c + 1);
     const T *Qs = b ? s.Q[1] : s.Q[0], *Ks = b ? s.K[1] : s.K[0], *Vs = b ? s.V[1] : s.V[0];
+    const float *ea = b ? s.ea[1] : s.ea[0], *eb = b ? s.eb[1] : s.eb[0];
+    const bool ext = GR && p.ext;  // block-uniform
     chunk::WarpGamma gm;
     gm.scan(b ? s.g[1] : s.g[0]);
     const float gL = gm.last();
@@ -135,10 +167,16 @@ __global__ void __launch_bounds__(NW * 32) sweep_kernel(FwdParams p) {
       mma::mma_acc<true>(A, qa, Ks, ld_h(KP), n0);  // B[k][u] = K[u][k]
       const float gr[2] = {gm.at(r0), gm.at(r1)};
       float rs[2] = {0.f, 0.f};
+      const float ar[2] = {ext ? ea[r0] : 0.f, ext ? ea[r1] : 0.f};
 #pragma unroll
       for (int j = 0; j < NJS; ++j) {
         const int u = n0 + 8 * j + 2 * t4;
         const float gu[2] = {gm.at(u), gm.at(u + 1)};
+        if (ext) {  // scores q_r . k_u + a_r b_u
+          const float bu[2] = {eb[u], eb[u + 1]};
+#pragma unroll
+          for (int e = 0; e < 4; ++e) A[j][e] += ar[e >> 1] * bu[e & 1];
+        }
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = e < 2 ? r0 : r1, uu = u + (e & 1);
@@ -201,6 +239,10 @@ __global__ void __launch_bounds__(NW * 32) sweep_kernel(FwdParams p) {
     for (int j = 0; j < NR; ++j) {
       const float f0 = s.fac[8 * j + 2 * t4], f1 = s.fac[8 * j + 2 * t4 + 1];
       O[j][0] *= f0; O[j][1] *= f1; O[j][2] *= f0; O[j][3] *= f1;
+      if (ext) {  // + fac_r a_r w_u: the rank-one term against the state
+        const float a0 = f0 * ea[8 * j + 2 * t4], a1 = f1 * ea[8 * j + 2 * t4 + 1];
+        O[j][0] += a0 * w[0]; O[j][1] += a1 * w[0]; O[j][2] += a0 * w[1]; O[j][3] += a1 * w[1];
+      }
     }
     // O^T += V^T A^T (B[u][r] = A[r][u], as mma_acc<true>), skipping the 16 x 16 blocks the mask zeroes: tokens
     // r in 16 pr.. (accumulators 2 pr, 2 pr + 1) see u in 16 kb.. only for kb <= pr (forward) / kb >= pr (backward).
@@ -227,7 +269,9 @@ __global__ void __launch_bounds__(NW * 32) sweep_kernel(FwdParams p) {
         p.den[(slot * H + h) * C + r] = d;
       }
     } else {
-      T* o = static_cast<T*>(p.o) + (tok0 * H + h) * V + v0;
+      T* o = p.o ? static_cast<T*>(p.o) + (tok0 * H + h) * V + v0 : nullptr;
+      const T* x = p.rowdot ? static_cast<const T*>(p.rowx) + (tok0 * H + h) * V + v0 : nullptr;
+      float rdp[NR][2];  // per-thread partial row dots (rows 8 j + 2 t (+1))
       const float* dF = p.normalize ? p.den + (slot * H + h) * C : nullptr;
 #pragma unroll
       for (int j = 0; j < NR; ++j) {
@@ -243,11 +287,41 @@ __global__ void __launch_bounds__(NW * 32) sweep_kernel(FwdParams p) {
             inv[e] = 1.f / (p.scale * d + p.eps);
           }
         }
+        rdp[j][0] = rdp[j][1] = 0.f;
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = 8 * j + 2 * t4 + (e & 1), u = e < 2 ? ua : ub;
-          if (r < rows && u < cols)
-            o[static_cast<int64_t>(r) * H * V + u] = tile::from_f<T>(p.scale * (O[j][e] + pf[e]) * inv[e & 1]);
+          const float y = p.scale * (O[j][e] + pf[e]) * inv[e & 1];
+          if (r < rows && u < cols) {
+            const int64_t at = static_cast<int64_t>(r) * H * V + u;
+            if (o) o[at] = tile::from_f<T>(y);
+            if (x) rdp[j][e & 1] += tile::to_f(x[at]) * (GR ? pf[e] - O[j][e] : y);
+          }
+        }
+      }
+      if (p.normalize && p.inv && vt == 0 && threadIdx.x < rows) {
+        const int r = threadIdx.x;
+        float d = s.deni[r] + s.dsum[0][r] + dF[r];
+        if constexpr (NSPLIT > 1) d += s.dsum[1][r];
+        p.inv[(tok0 + r) * H + h] = 1.f / (p.scale * d + p.eps);
+      }
+      if (x) {  // rowdot: sum over the 8 column groups of the warp (lanes g8), then over the warps
+#pragma unroll
+        for (int j = 0; j < NR; ++j)
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            float v_ = rdp[j][i];
+            v_ += __shfl_xor_sync(0xffffffff, v_, 4);
+            v_ += __shfl_xor_sync(0xffffffff, v_, 8);
+            v_ += __shfl_xor_sync(0xffffffff, v_, 16);
+            if (g8 == 0) s.rd[warp * C + 8 * j + 2 * t4 + i] = v_;
+          }
+        __syncthreads();  // rd complete (block-uniform branch); rd is next written after the next chunk's B2
+        if (threadIdx.x < rows) {
+          float acc = 0.f;
+#pragma unroll
+          for (int i = 0; i < NW; ++i) acc += s.rd[i * C + threadIdx.x];
+          p.rowdot[(tok0 + threadIdx.x) * H + h] = acc;
         }
       }
     }
@@ -268,6 +342,18 @@ __global__ void __launch_bounds__(NW * 32) sweep_kernel(FwdParams p) {
         a[0][i] = mma::pack2<T>(f.x * s.kd[r], f.y * s.kd[r + 1]);
       }
       mma::mma_acc<false>(S, a, Ks, ld_h(KP), 0, 16 * rb);  // B[u][k] = K[u][k]
+    }
+    if (ext) {  // w = e^gL w + V^T diag(kd b): the 4 lanes of a column group split the tokens
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int u = i ? ub : ua;
+        float acc = 0.f;
+#pragma unroll 4
+        for (int r = t4; r < C; r += 4) acc += s.kd[r] * eb[r] * tile::to_f(Vs[r * ld_h(BV) + u]);
+        acc += __shfl_xor_sync(0xffffffff, acc, 1);
+        acc += __shfl_xor_sync(0xffffffff, acc, 2);
+        w[i] = w[i] * eC + acc;
+      }
     }
     if (den_here) {  // ZS adjacent lanes a k index, tokens interleaved, combined by shuffles
       constexpr int ZS = NT / KP;

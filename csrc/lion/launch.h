@@ -25,6 +25,13 @@ struct FwdParams {
   bool normalize;
   bool vec_k, vec_v;      // 16-byte loads allowed along K / V
   int block_columns;      // sweep_block_columns(V, ...): 64 (4 warps) or 128 (8 warps); sizes part
+  // Backward use only (lion_bwd with LINFLOW_LION_BWD=kernel, kernels.cuh "Backward"); null / false in the forward.
+  float* inv;             // [tokens, H]: 1 / (s D + eps), written by the backward sweep's v-tile 0 (normalize only)
+  const void* rowx;       // [tokens, H, V] x of the per-row dot below (element type of the kernel)
+  float* rowdot;          // [tokens, H]: sum_u x[r][u] y[r][u], y = o in fp32 (forward mode) or PF - PB (gradient
+                          // mode); the host guarantees one v-tile (V <= block_columns)
+  const float *ext_a, *ext_b;  // gradient mode, ext: rank-one score term a_r b_u added to q_r . k_u (null: ones)
+  bool ext;
 };
 
 // Value columns a block of the sweep kernels owns (16 a warp): 64 for V <= 64, else 128; `forced` (64 or 128, from
@@ -37,5 +44,9 @@ inline int sweep_block_columns(int64_t V, int forced = 0) {
 // Forward, `mode="chunked"`: the forward sweep (partials to part / den), then the backward sweep (adds, normalises,
 // writes o). q, k, v bf16 or fp16, K <= 128, any V (1..256), N <= 65535 sequences.
 cudaError_t launch_forward(const FwdParams& p, Elem e, int64_t N, cudaStream_t s);
+
+// The same two sweeps in gradient mode (kernels.cuh, "Backward"): o = PF + PB without normalisation (normalize must
+// be false), the optional rank-one score term (ext) and rowdot = x . (PF - PB). Used three times by lion_bwd.
+cudaError_t launch_grad_sweeps(const FwdParams& p, Elem e, int64_t N, cudaStream_t s);
 
 }  // namespace linflow::lion

@@ -25,10 +25,19 @@
 
 struct dim3e { unsigned x = 0, y = 0, z = 0; };
 inline thread_local dim3e threadIdx, blockIdx, blockDim;
+#ifndef EMU_HAS_GRIDDIM  // gridDim (the LION sweeps read gridDim.x)
+#define EMU_HAS_GRIDDIM
+inline thread_local dim3e gridDim;
+#endif
 
 struct uint4 { uint32_t x, y, z, w; };
 inline uint4 make_uint4(uint32_t a, uint32_t b, uint32_t c, uint32_t d) { return {a, b, c, d}; }
 struct float2 { float x, y; };
+#ifndef EMU_HAS_FLOAT4  // float4 (the LION sweeps' partial numerators)
+#define EMU_HAS_FLOAT4
+struct float4 { float x, y, z, w; };
+inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+#endif
 inline uint4 __ldg(const uint4* p) { assert(reinterpret_cast<uintptr_t>(p) % 16 == 0); return *p; }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline float __expf(float x) { return std::exp(x); }
