@@ -307,7 +307,9 @@ __global__ void __launch_bounds__(kThreads, 1) write_bwd_pair_kernel(WriteBwdPar
 
   int n;
   int64_t c64, bos, len;
-  if (!p.seq.locate(static_cast<int64_t>(blockIdx.x), n, c64, bos, len)) return;
+  // dW blocks (KEYS = false) run in reverse slot order: the late chunks, with the most key chunks, start first.
+  const int64_t slot = KEYS ? static_cast<int64_t>(blockIdx.x) : static_cast<int64_t>(gridDim.x) - 1 - blockIdx.x;
+  if (!p.seq.locate(slot, n, c64, bos, len)) return;
   const int c = static_cast<int>(c64);
   const int h = blockIdx.y;
   const int64_t H = p.H, HK = H * K, HV = H * V;

@@ -4,6 +4,7 @@
 #include "emu.h"
 inline float2 make_float2(float a, float b) { return {a, b}; }
 inline void __threadfence_block() {}
+inline thread_local dim3e gridDim;  // not in shim/emu.h (yet)
 #include "deltaformer/write_bwd_kernel.cuh"
 #include <fstream>
 #include <functional>
@@ -40,6 +41,7 @@ void launch(size_t sm, int64_t gx, int gy, const std::function<void()>& kern) {
           threadIdx = {unsigned(t), 0, 0};
           blockIdx = {unsigned(x), unsigned(y), 0};
           blockDim = {256, 1, 1};
+          gridDim = {unsigned(gx), unsigned(gy), 1};
           kern();
           if (!t_groups.empty() || !t_open.empty()) cp_async_flush_all();
         });
