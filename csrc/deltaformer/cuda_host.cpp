@@ -4,7 +4,8 @@
 //             write_fwd; LINFLOW_DELTAFORMER_WRITE=aten forces it, for A/B measurements)
 //             read_fwd_cuda (read_kernel.cu)        -> o, lse_o
 //   backward: read_bwd_cuda (read_kernel.cu)        -> dq, dk (read side), du;  du += grad_u
-//             write_bwd (ATen chunk form)           -> dv, dbeta, dw, dk (write side)
+//             write_bwd (ATen chunk form)           -> dv, dbeta, dw, dk (write side); opt-in kernels
+//             write_bwd_cuda (write_bwd_kernel.cu) with LINFLOW_DELTAFORMER_WRITE_BWD=kernel (K, V in {32, 64, 128})
 // Everything else (fp32 inputs, other head dims, empty inputs) takes the ATen chunk form end to end, as before.
 #ifdef LINFLOW_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -119,6 +120,17 @@ bool write_kernel_enabled() {
   return on;
 }
 
+// LINFLOW_DELTAFORMER_WRITE_BWD=kernel: the write-pass backward kernels (write_bwd_kernel.cu) where they run.
+// Opt-in only: the kernels are verified on the CPU CUDA emulation (tests/cuda_emu) but have not run on a GPU yet;
+// make them the default once a GPU run has checked them against the ATen write_bwd. Read once.
+bool write_bwd_kernel_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("LINFLOW_DELTAFORMER_WRITE_BWD");
+    return e != nullptr && std::string(e) == "kernel";
+  }();
+  return on;
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
                                                             const std::optional<Tensor>& beta,
                                                             const std::optional<Tensor>& w,
@@ -146,7 +158,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_cuda(
     return bwd_aten(q, k, v, beta, w, cu_seqlens, o, u, r, lse_w, lse_o, grad_o, grad_u, scale, chunk_size);
   auto [dq, dk_read, du] = read_bwd_cuda(q, k, u, o, lse_o, grad_o, cu_seqlens, scale);
   if (gu.has_value()) du.add_(*gu);
-  auto [dv, dbeta, dw, dk] = write_bwd(k, v, beta, w, cu_seqlens, u, r, lse_w, du, scale, chunk_size);
+  auto [dv, dbeta, dw, dk] = write_bwd_kernel_enabled() && write_bwd_cuda_supports(k, v, beta, w)
+                                 ? write_bwd_cuda(k, v, beta, w, cu_seqlens, u, r, lse_w, du, scale, chunk_size)
+                                 : write_bwd(k, v, beta, w, cu_seqlens, u, r, lse_w, du, scale, chunk_size);
   dk.add_(dk_read);
   if (!present(w)) dk.add_(dw);  // w = k: the write query's gradient is k's too
   return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type()),

@@ -24,3 +24,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> write_fwd_cuda(const at::Tensor& 
                                                               int64_t chunk_size);
 
 }  // namespace linflow::deltaformer
+
+namespace linflow::deltaformer {
+
+// Write pass backward on CUDA (write_bwd_kernel.cu): same inputs and outputs as the native-layout write_bwd of
+// chunk_aten.cpp (dv [B,T,Hkv,V], dbeta [B,T,Hkv], dw, dk [B,T,Hkv,K], fp32; dw is the write query's gradient, dk
+// the key side only); u, r, lse_w, du as the forward / read backward give them (fp32). Supported cases as
+// write_fwd_cuda_supports.
+bool write_bwd_cuda_supports(const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& beta,
+                             const std::optional<at::Tensor>& w);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> write_bwd_cuda(
+    const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& beta,
+    const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& u,
+    const at::Tensor& r, const at::Tensor& lse_w, const at::Tensor& du, double scale, int64_t chunk_size);
+
+}  // namespace linflow::deltaformer
