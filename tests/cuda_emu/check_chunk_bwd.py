@@ -7,28 +7,14 @@ math in csrc/delta_rule/kernels_bwd.cuh. Slow (seconds a block); bf16 and fp16.
 EMU_SKEW=1 (or 2) delays warp w (or 7 - w) by w x 5 ms at every warp collective: a missing __syncthreads then
 reads poisoned shared memory (a removed barrier before the dQK / G reads is caught this way; ~20 s a block).
 """
-import numpy as np, os, subprocess, sys, tempfile
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-WORK = tempfile.mkdtemp(prefix="cuda_emu_")
-RUNS, BIN = os.path.join(WORK, "runs"), os.path.join(WORK, "chunk_bwd_emu")
-subprocess.run([sys.executable, os.path.join(HERE, "make_shims.py"), os.path.join(ROOT, "csrc"),
-                os.path.join(WORK, "shim")], check=True)
-subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-I" + os.path.join(WORK, "shim"),
-                "-I" + os.path.join(HERE, "shim"), "-I" + os.path.join(ROOT, "csrc"),
-                os.path.join(HERE, "chunk_bwd_main.cpp"), "-o", BIN], check=True)
+import numpy as np, os, subprocess, sys
+from emu_build import build, codec
+WORK, BIN = build("chunk_bwd_main.cpp", "chunk_bwd")
+RUNS = os.path.join(WORK, "runs")
 C = 64
-def bf16(x):
-    x = np.asarray(x, np.float32)
-    u = x.view(np.uint32).astype(np.uint64)
-    u = ((u + 0x7fff + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    return u
-def f32(u):
-    return (u.astype(np.uint32) << 16).view(np.float32)
 
 def run(name, B, T, H, K, V, gated, cu=None, seed=0, f16=False):
-    enc = (lambda x: np.asarray(x, np.float32).astype(np.float16).view(np.uint16)) if f16 else bf16
-    dec = (lambda u: u.view(np.float16).astype(np.float32)) if f16 else f32
+    enc, dec = codec(f16)
     rng = np.random.default_rng(seed)
     varlen = cu is not None
     total = B * T if not varlen else cu[-1]

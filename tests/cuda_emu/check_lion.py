@@ -8,35 +8,17 @@ emulation of tests/cuda_emu/shim (see check_chunk_bwd.py), driven by lion_main.c
 --quick: the QUICK cases on a build with only the K, V <= 64 instantiation (the pytest; ~1 min on 2 free cores);
 the full list takes several minutes. EMU_SKEW=1 EMU_SKEW_US=300 checks the barriers (slow: one small case).
 """
-import numpy as np, os, subprocess, sys, tempfile
+import numpy as np, os, subprocess, sys
 import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from reference import lion_ref  # noqa: E402
+from emu_build import build, codec  # noqa: E402
 
-WORK = tempfile.mkdtemp(prefix="cuda_emu_lion_")
-BIN = os.path.join(WORK, "lion_emu")
-subprocess.run([sys.executable, os.path.join(HERE, "make_shims.py"), os.path.join(ROOT, "csrc"),
-                os.path.join(WORK, "shim")], check=True)
 QUICK_BUILD = "--quick" in sys.argv
-subprocess.run(["g++", "-std=c++20", "-O1", "-pthread"] + (["-DLION_EMU_SMALL"] if QUICK_BUILD else []) +
-               ["-I" + os.path.join(WORK, "shim"), "-I" + os.path.join(HERE, "shim"), "-I" + os.path.join(ROOT, "csrc"),
-                os.path.join(HERE, "lion_main.cpp"), "-o", BIN], check=True)
+WORK, BIN = build("lion_main.cpp", "lion", defines=("LION_EMU_SMALL",) if QUICK_BUILD else ())
 C = 64
-
-
-def bf16(x):
-    x = np.ascontiguousarray(x, np.float32)
-    u = x.view(np.uint32).astype(np.uint64)
-    return ((u + 0x7fff + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def codec(f16):
-    if f16:
-        return (lambda x: np.asarray(x, np.float32).astype(np.float16).view(np.uint16)), \
-               (lambda u: u.view(np.float16).astype(np.float32))
-    return bf16, (lambda u: (u.astype(np.uint32) << 16).view(np.float32))
 
 
 def block_columns(V):

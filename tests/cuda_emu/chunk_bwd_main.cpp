@@ -1,46 +1,17 @@
 #include "emu.h"
 #include "delta_rule/kernels_bwd.cuh"
+#include "driver.h"
 #include <fstream>
 #include <string>
 
 namespace linflow::delta_rule { alignas(128) char smem[232448]; }
 using namespace linflow::delta_rule;
 
-template <typename X> std::vector<X> rd(const std::string& f, size_t n) {
-  std::vector<X> v(n);
-  std::ifstream in(f, std::ios::binary);
-  if (!in) { std::fprintf(stderr, "missing %s\n", f.c_str()); std::exit(1); }
-  in.read(reinterpret_cast<char*>(v.data()), n * sizeof(X));
-  return v;
-}
-template <typename X> void wr(const std::string& f, const std::vector<X>& v) {
-  std::ofstream o(f, std::ios::binary);
-  o.write(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(X));
-}
-
 template <int KP, typename bf>
 void run_all(BwdParams& b, int64_t slots, int H) {
   const size_t sm = ChunkBwdMmaSmem<KP, bf>::carve(nullptr, nullptr);
   std::printf("KP %d smem %zu bytes\n", KP, sm);
-  if (sm > sizeof(smem)) { std::fprintf(stderr, "smem too large\n"); std::exit(1); }
-  for (int64_t x = 0; x < slots; ++x)
-    for (int y = 0; y < H; ++y) {
-      std::memset(smem, 0xff, sizeof(smem));
-      std::barrier<> bar(256);
-      std::vector<WarpCtx> warps(8);
-      g_block_bar = &bar;
-      g_warps = warps.data();
-      std::vector<std::thread> th;
-      for (int t = 0; t < 256; ++t)
-        th.emplace_back([&, t] {
-          threadIdx = {unsigned(t), 0, 0};
-          blockIdx = {unsigned(x), unsigned(y), 0};
-          blockDim = {256, 1, 1};
-          chunk_bwd_mma_kernel<KP, bf>(b);
-          if (!t_groups.empty() || !t_open.empty()) cp_async_flush_all();
-        });
-      for (auto& t : th) t.join();
-    }
+  launch_grid(smem, sizeof(smem), sm, {unsigned(slots), unsigned(H), 1}, 256, [&] { chunk_bwd_mma_kernel<KP, bf>(b); });
 }
 
 template <typename bf>

@@ -3,49 +3,20 @@
 // in a run directory written by check_lion.py.   lion_emu <dir> bf16|f16 <GR>   (-DLION_EMU_SMALL: K, V <= 64)
 #include "emu.h"
 #include "lion/kernels.cuh"
+#include "driver.h"
 #include <fstream>
 #include <string>
 
 namespace linflow::lion { alignas(128) char smem[232448]; }
 using namespace linflow::lion;
 
-template <typename X> std::vector<X> rd(const std::string& f, size_t n) {
-  std::vector<X> v(n);
-  std::ifstream in(f, std::ios::binary);
-  if (!in) { std::fprintf(stderr, "missing %s\n", f.c_str()); std::exit(1); }
-  in.read(reinterpret_cast<char*>(v.data()), n * sizeof(X));
-  return v;
-}
-template <typename X> void wr(const std::string& f, const std::vector<X>& v) {
-  std::ofstream o(f, std::ios::binary);
-  o.write(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(X));
-}
 
 template <int KP, int NW, bool BWD, typename T, bool GR>
 void launch(const FwdParams& p, int nvt, int H, int N) {
   const size_t sm = SweepSmem<KP, NW, T>::bytes();
-  if (sm > sizeof(smem)) { std::fprintf(stderr, "smem too large\n"); std::exit(1); }
   constexpr int NT = NW * 32;
-  for (int z = 0; z < N; ++z)
-    for (int y = 0; y < H; ++y)
-      for (int x = 0; x < nvt; ++x) {
-        std::memset(smem, 0xff, sizeof(smem));
-        std::barrier<> bar(NT);
-        std::vector<WarpCtx> warps(NW);
-        g_block_bar = &bar;
-        g_warps = warps.data();
-        std::vector<std::thread> th;
-        for (int t = 0; t < NT; ++t)
-          th.emplace_back([&, t] {
-            threadIdx = {unsigned(t), 0, 0};
-            blockIdx = {unsigned(x), unsigned(y), unsigned(z)};
-            blockDim = {unsigned(NT), 1, 1};
-            gridDim = {unsigned(nvt), unsigned(H), unsigned(N)};
-            sweep_kernel<KP, NW, BWD, T, GR>(p);
-            if (!t_groups.empty() || !t_open.empty()) cp_async_flush_all();
-          });
-        for (auto& t : th) t.join();
-      }
+  launch_grid(smem, sizeof(smem), sm, {unsigned(nvt), unsigned(H), unsigned(N)}, NT,
+              [&] { sweep_kernel<KP, NW, BWD, T, GR>(p); });
 }
 
 template <typename T, bool GR>

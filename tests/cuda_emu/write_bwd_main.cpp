@@ -6,6 +6,7 @@ inline float2 make_float2(float a, float b) { return {a, b}; }
 inline void __threadfence_block() {}
 // gridDim: shim/emu.h
 #include "deltaformer/write_bwd_kernel.cuh"
+#include "driver.h"
 #include <fstream>
 #include <functional>
 #include <string>
@@ -13,40 +14,10 @@ inline void __threadfence_block() {}
 namespace linflow::deltaformer::wbwd { alignas(128) char smem[232448]; }
 using namespace linflow::deltaformer::wbwd;
 
-template <typename X> std::vector<X> rd(const std::string& f, size_t n) {
-  std::vector<X> v(n);
-  std::ifstream in(f, std::ios::binary);
-  if (!in) { std::fprintf(stderr, "missing %s\n", f.c_str()); std::exit(1); }
-  in.read(reinterpret_cast<char*>(v.data()), n * sizeof(X));
-  return v;
-}
-template <typename X> void wr(const std::string& f, const std::vector<X>& v) {
-  std::ofstream o(f, std::ios::binary);
-  o.write(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(X));
-}
 
-// One launch: grid (gx, gy) of 256-thread blocks, one block at a time, shared memory poisoned with 0xFF.
+// One launch: grid (gx, gy) of 256-thread blocks.
 void launch(size_t sm, int64_t gx, int gy, const std::function<void()>& kern) {
-  if (sm > sizeof(smem)) { std::fprintf(stderr, "smem too large: %zu\n", sm); std::exit(1); }
-  for (int64_t x = 0; x < gx; ++x)
-    for (int y = 0; y < gy; ++y) {
-      std::memset(smem, 0xff, sizeof(smem));
-      std::barrier<> bar(256);
-      std::vector<WarpCtx> warps(8);
-      g_block_bar = &bar;
-      g_warps = warps.data();
-      std::vector<std::thread> th;
-      for (int t = 0; t < 256; ++t)
-        th.emplace_back([&, t] {
-          threadIdx = {unsigned(t), 0, 0};
-          blockIdx = {unsigned(x), unsigned(y), 0};
-          blockDim = {256, 1, 1};
-          gridDim = {unsigned(gx), unsigned(gy), 1};
-          kern();
-          if (!t_groups.empty() || !t_open.empty()) cp_async_flush_all();
-        });
-      for (auto& t : th) t.join();
-    }
+  launch_grid(smem, sizeof(smem), sm, {unsigned(gx), unsigned(gy), 1}, 256, kern);
 }
 
 template <int K, int V, typename bf>
