@@ -9,28 +9,21 @@
 #include <type_traits>
 
 #include "common/alloc.h"
+#include "common/launch.cuh"
 #include "deltaformer/write.h"
 #include "deltaformer/write_bwd_kernel.cuh"
+#include "deltaformer/write_host.h"
 
 namespace linflow::deltaformer {
 namespace {
 using at::Tensor;
 using wbwd::WriteBwdParams;
 
-template <typename F>
-cudaError_t with_dim(int64_t d, F&& f) {
-  if (d == 32) return f(std::integral_constant<int, 32>{});
-  if (d == 64) return f(std::integral_constant<int, 64>{});
-  if (d == 128) return f(std::integral_constant<int, 128>{});
-  return cudaErrorInvalidValue;
-}
+using write_host::aligned, write_host::present, write_host::with_dim;
 
 template <typename Kern>
 cudaError_t launch_one(Kern kernel, size_t smem, dim3 grid, cudaStream_t stream, const WriteBwdParams& p) {
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, wbwd::kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, wbwd::kThreads, smem, p, stream);
 }
 
 template <typename T>
@@ -50,14 +43,6 @@ cudaError_t launch_write_bwd(const WriteBwdParams& p, int64_t K, int64_t V, dim3
   });
 }
 
-bool present(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
-
-// Contiguous in `dtype` with a 16-byte aligned start (cp.async rows); a copy only when needed.
-Tensor aligned(const Tensor& x, at::ScalarType dtype) {
-  Tensor c = x.to(dtype).contiguous();
-  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
-  return c;
-}
 
 }  // namespace
 

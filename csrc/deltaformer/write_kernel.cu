@@ -16,10 +16,12 @@
 
 #include "common/alloc.h"
 #include "common/chunk.cuh"
+#include "common/launch.cuh"
 #include "common/mma.cuh"
 #include "common/seq_layout.h"
 #include "common/tile.cuh"
 #include "deltaformer/write.h"
+#include "deltaformer/write_host.h"
 
 namespace linflow::deltaformer {
 namespace {
@@ -372,13 +374,7 @@ __global__ void __launch_bounds__(kThreads, 1) write_fwd_kernel(WriteParams p) {
   }
 }
 
-template <typename F>
-cudaError_t with_dim(int64_t d, F&& f) {
-  if (d == 32) return f(std::integral_constant<int, 32>{});
-  if (d == 64) return f(std::integral_constant<int, 64>{});
-  if (d == 128) return f(std::integral_constant<int, 128>{});
-  return cudaErrorInvalidValue;
-}
+using write_host::head_dim_ok, write_host::present, write_host::with_dim;
 
 template <typename T>
 cudaError_t launch_write(const WriteParams& p, int64_t K, int64_t V, dim3 grid, cudaStream_t stream) {
@@ -386,25 +382,13 @@ cudaError_t launch_write(const WriteParams& p, int64_t K, int64_t V, dim3 grid, 
     return with_dim(V, [&](auto vv) {
       constexpr int KK = decltype(kk)::value, VV = decltype(vv)::value;
       constexpr size_t smem = Smem<KK, VV, T>::total;
-      auto kernel = write_fwd_kernel<KK, VV, T>;
-      cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-      if (err != cudaSuccess) return err;
-      kernel<<<grid, kThreads, smem, stream>>>(p);
-      return cudaGetLastError();
+      return launch_kernel(write_fwd_kernel<KK, VV, T>, grid, kThreads, smem, p, stream);
     });
   });
 }
 
-bool present(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
-
-bool head_dim_ok(int64_t d) { return d == 32 || d == 64 || d == 128; }
-
 // Contiguous with a 16-byte aligned start (cp.async rows); a copy only when needed.
-Tensor aligned(const Tensor& x) {
-  Tensor c = x.contiguous();
-  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
-  return c;
-}
+Tensor aligned(const Tensor& x) { return write_host::aligned(x, x.scalar_type()); }
 
 }  // namespace
 
