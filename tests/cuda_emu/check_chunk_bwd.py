@@ -8,7 +8,7 @@ EMU_SKEW=1 (or 2) delays warp w (or 7 - w) by w x 5 ms at every warp collective:
 reads poisoned shared memory (a removed barrier before the dQK / G reads is caught this way; ~20 s a block).
 """
 import numpy as np, os, subprocess, sys
-from emu_build import build, codec
+from emu_build import build, codec, run_cases
 WORK, BIN = build("chunk_bwd_main.cpp", "chunk_bwd")
 RUNS = os.path.join(WORK, "runs")
 C = 64
@@ -105,9 +105,4 @@ cases = {
   "varlen_K128_V72_g": dict(B=1, T=0, H=2, K=128, V=72, gated=True, cu=[0, 70, 75, 200]),
   "f16_dense_K128_V96_g": dict(B=1, T=90, H=1, K=128, V=96, gated=True, f16=True),
 }
-sel = sys.argv[1:] or list(cases)
-allok = True
-for nm in sel:
-    allok &= run(nm, **cases[nm])
-print("ALL OK" if allok else "SOME FAILED")
-sys.exit(0 if allok else 1)
+run_cases(cases, run, sys.argv[1:] or list(cases))

@@ -7,7 +7,7 @@ write_backward (chunk_aten.cpp) on the whole matrices:
     python tests/cuda_emu/check_deltaformer_write_bwd.py [case ...]      (EMU_SKEW=1 / 2: skewed warps)
 """
 import numpy as np, os, subprocess, sys
-from emu_build import build, codec
+from emu_build import build, codec, run_cases
 WORK, BIN = build("write_bwd_main.cpp", "write_bwd")
 RUNS = os.path.join(WORK, "runs")
 C = 64
@@ -102,9 +102,4 @@ cases = {
   "varlen_K64_V32": dict(B=1, T=0, H=1, K=64, V=32, cu=[0, 70, 71, 200]),
   "dense_K128_V128_T200": dict(B=1, T=200, H=1, K=128, V=128, f16=True),
 }
-sel = sys.argv[1:] or list(cases)
-allok = True
-for nm in sel:
-    allok &= run(nm, **cases[nm])
-print("ALL OK" if allok else "SOME FAILED")
-sys.exit(0 if allok else 1)
+run_cases(cases, run, sys.argv[1:] or list(cases))

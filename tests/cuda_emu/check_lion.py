@@ -14,7 +14,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from reference import lion_ref  # noqa: E402
-from emu_build import build, codec  # noqa: E402
+from emu_build import build, codec, run_cases  # noqa: E402
 
 QUICK_BUILD = "--quick" in sys.argv
 WORK, BIN = build("lion_main.cpp", "lion", defines=("LION_EMU_SMALL",) if QUICK_BUILD else ())
@@ -166,9 +166,4 @@ cases.update({
 })
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if a != "--quick"]
-    sel = args or (QUICK if QUICK_BUILD else list(cases))
-    allok = True
-    for nm in sel:
-        allok &= run(nm, **cases[nm])
-    print("ALL OK" if allok else "SOME FAILED")
-    sys.exit(0 if allok else 1)
+    run_cases(cases, run, args or (QUICK if QUICK_BUILD else list(cases)))

@@ -36,3 +36,12 @@ def codec(f16: bool):
         return (lambda x: np.asarray(x, np.float32).astype(np.float16).view(np.uint16)), \
                (lambda u: u.view(np.float16).astype(np.float32))
     return bf16, (lambda u: (u.astype(np.uint32) << 16).view(np.float32))
+
+
+def run_cases(cases: dict, run, selected) -> None:
+    """Runs run(name, **cases[name]) for each selected name, prints ALL OK / SOME FAILED, exits 0 / 1."""
+    allok = True
+    for name in selected:
+        allok &= run(name, **cases[name])
+    print("ALL OK" if allok else "SOME FAILED")
+    sys.exit(0 if allok else 1)
