@@ -1,6 +1,6 @@
 """LION sweep kernels (csrc/lion/kernels.cuh) without a GPU: tests/cuda_emu/check_lion.py runs their real source on
 the CPU emulation of CUDA (tests/cuda_emu/shim) — the forward (o) and the kernel backward's whole pipeline
-(cuda_host.cpp bwd_kernels, LINFLOW_LION_BWD=kernel: recompute launch, three gradient-mode launch pairs, dg / dlam)
+(cuda_host.cpp bwd_kernels: recompute launch, three gradient-mode launch pairs, dg / dlam)
 — against torch float64 autograd of reference.lion_ref: bf16 and fp16, T = 1, partial chunks, K != V, every decay,
 normalize on / off, varlen. Not covered here: timing, bank conflicts, the hardware memory model."""
 import shutil

@@ -4,8 +4,8 @@
 //             write_fwd; LINFLOW_DELTAFORMER_WRITE=aten forces it, for A/B measurements)
 //             read_fwd_cuda (read_kernel.cu)        -> o, lse_o
 //   backward: read_bwd_cuda (read_kernel.cu)        -> dq, dk (read side), du;  du += grad_u
-//             write_bwd (ATen chunk form)           -> dv, dbeta, dw, dk (write side); opt-in kernels
-//             write_bwd_cuda (write_bwd_kernel.cu) with LINFLOW_DELTAFORMER_WRITE_BWD=kernel (K, V in {32, 64, 128})
+//             write_bwd_cuda (write_bwd_kernel.cu)  -> dv, dbeta, dw, dk (write side) (K, V in {32, 64, 128}; else
+//             the ATen write_bwd; LINFLOW_DELTAFORMER_WRITE_BWD=aten forces it, for A/B measurements)
 // Everything else (fp32 inputs, other head dims, empty inputs) takes the ATen chunk form end to end, as before.
 #ifdef LINFLOW_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -120,13 +120,12 @@ bool write_kernel_enabled() {
   return on;
 }
 
-// LINFLOW_DELTAFORMER_WRITE_BWD=kernel: the write-pass backward kernels (write_bwd_kernel.cu) where they run.
-// Opt-in only: the kernels are verified on the CPU CUDA emulation (tests/cuda_emu) but have not run on a GPU yet;
-// make them the default once a GPU run has checked them against the ATen write_bwd. Read once.
+// LINFLOW_DELTAFORMER_WRITE_BWD=aten: the ATen write-pass backward even where the kernels (write_bwd_kernel.cu)
+// run (A/B measurements). Read once.
 bool write_bwd_kernel_enabled() {
   static const bool on = [] {
     const char* e = std::getenv("LINFLOW_DELTAFORMER_WRITE_BWD");
-    return e != nullptr && std::string(e) == "kernel";
+    return e == nullptr || std::string(e) != "aten";
   }();
   return on;
 }

@@ -4,10 +4,9 @@
 // (kernels.cuh): every decay, both conventions, g_backward, normalize on/off, cu_seqlens, any T and V. Everything
 // else takes the device-generic ATen form (lion_aten.cpp): fp32 inputs (their tests expect fp32-accurate results,
 // not 16-bit operands), K > 128, modes "full" and "recurrent", other chunk sizes.
-// The backward runs the ATen form by default. LINFLOW_LION_BWD=kernel (read once) opts in to the sweep kernels'
-// backward (bwd_kernels below) for the forward kernel's cases with V <= 128, the symmetric mask (any decay; not
-// selective "lion_code") and no g_backward; the rest stays on ATen. Opt-in only: so far verified on the CPU emulation
-// of CUDA (tests/cuda_emu/check_lion.py), not yet run on a GPU.
+// The backward runs the sweep kernels (bwd_kernels below) for the forward kernel's cases with V <= 128, the symmetric
+// mask (any decay; not selective "lion_code") and no g_backward; the rest takes the ATen form. LINFLOW_LION_BWD=aten
+// (read once) forces ATen everywhere, for A/B measurements.
 #ifdef LINFLOW_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -44,11 +43,11 @@ bool use_kernels(const Config& c, const Tensor& q) {
          (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf) && c.K <= 128 && c.N <= 65535;
 }
 
-// LINFLOW_LION_BWD=kernel: lion_bwd on the sweep kernels where supported (see the file comment). Read once.
+// LINFLOW_LION_BWD=aten: lion_bwd on the ATen form even where the sweep kernels run (A/B). Read once.
 bool bwd_kernels_requested() {
   static const bool on = [] {
     const char* e = std::getenv("LINFLOW_LION_BWD");
-    return e && std::string(e) == "kernel";
+    return e == nullptr || std::string(e) != "aten";
   }();
   return on;
 }

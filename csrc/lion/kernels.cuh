@@ -23,7 +23,7 @@
 // w / 4), stored to shared memory in 16 bits and read back as the B operand of O^T += V^T A^T. Tiles stream in by
 // cp.async (two stages); two block barriers a chunk.
 //
-// Backward (lion_bwd with LINFLOW_LION_BWD=kernel; cuda_host.cpp bwd_kernels has the math): the gradients of a
+// Backward (lion_bwd; cuda_host.cpp bwd_kernels has the math): the gradients of a
 // symmetric mask are LION products again, so the same launch pair runs them in gradient mode (GR = true):
 //   o = PF + PB unnormalised (scale 1), with an optional rank-one score term: scores q_r . k_u + a_r b_u (ext; the
 //   ones column of V' = [V, 1] and its gradient g0). Intra-chunk it is added to the score block before the mask;

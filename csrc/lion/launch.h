@@ -25,7 +25,7 @@ struct FwdParams {
   bool normalize;
   bool vec_k, vec_v;      // 16-byte loads allowed along K / V
   int block_columns;      // sweep_block_columns(V, ...): 64 (4 warps) or 128 (8 warps); sizes part
-  // Backward use only (lion_bwd with LINFLOW_LION_BWD=kernel, kernels.cuh "Backward"); null / false in the forward.
+  // Backward use only (lion_bwd, kernels.cuh "Backward"); null / false in the forward.
   float* inv;             // [tokens, H]: 1 / (s D + eps), written by the backward sweep's v-tile 0 (normalize only)
   const void* rowx;       // [tokens, H, V] x of the per-row dot below (element type of the kernel)
   float* rowdot;          // [tokens, H]: sum_u x[r][u] y[r][u], y = o in fp32 (forward mode) or PF - PB (gradient
