@@ -54,11 +54,16 @@ struct SweepSmem {
   static constexpr size_t kQ = align(sizeof(T) * C * ld_h(KP)), kV = align(sizeof(T) * C * ld_h(BV));
   static constexpr size_t kA = align(sizeof(T) * C * ld_h(C)), kCol = align(sizeof(float) * C);
   static constexpr size_t kZ = align(sizeof(float) * KP);
-  static constexpr size_t bytes() { return 2 * (2 * kQ + kV + kCol) + kA + (3 + NSPLIT) * kCol + kZ + (4 + NW) * kCol; }
+  static constexpr size_t kP = align(sizeof(float) * C * BV);  // backward sweep: the forward sweep's partials
+  static constexpr size_t bytes() {
+    return 2 * (2 * kQ + kV + kCol) + kA + (3 + NSPLIT) * kCol + kZ + (4 + NW) * kCol + 2 * (kP + kV + kCol);
+  }
 
   T *Q[2], *K[2], *V[2], *A;
   float *g[2], *fac, *kd, *deni, *dsum[NSPLIT], *z;
   float *ea[2], *eb[2], *rd;  // backward use: rank-one score factors (two stages), per-warp row-dot partials [NW][C]
+  float *pf[2], *dF[2];        // backward sweep, two stages: the forward sweep's partials (its accumulator layout)
+  T* X[2];                     //   and denominators; the row-dot operand x (C x BV)
   __device__ explicit SweepSmem(char* base) {
     size_t o = 0;
     auto take = [&](size_t n) { char* r = base + o; o += n; return r; };
@@ -79,6 +84,11 @@ struct SweepSmem {
       eb[b] = reinterpret_cast<float*>(take(kCol));
     }
     rd = reinterpret_cast<float*>(take(NW * kCol));  // kCol == C floats
+    for (int b = 0; b < 2; ++b) {
+      pf[b] = reinterpret_cast<float*>(take(kP));
+      X[b] = reinterpret_cast<T*>(take(kV));
+      dF[b] = reinterpret_cast<float*>(take(kCol));
+    }
   }
 };
 
@@ -123,6 +133,16 @@ __global__ void __launch_bounds__(NW * 32) sweep_kernel(FwdParams p) {
       }
     } else {  // fixed (log lam) or none (0); nothing else writes this buffer
       for (int r = threadIdx.x; r < C; r += NT) gd[r] = r < rows ? lam_log : 0.f;
+    }
+    if constexpr (BWD) {  // the epilogue's inputs, a chunk ahead (plain loads there would stall every chunk)
+      const int64_t slot = slot0 + c;
+      const float* src = p.part + ((slot * H + h) * gridDim.x + vt) * (C * BV);
+      float* dst = b ? s.pf[1] : s.pf[0];
+      for (int i = threadIdx.x; i < C * BV / 4; i += NT) tile::cp_async16(dst + 4 * i, src + 4 * i, true);
+      if (p.normalize) tile::fetch_column<C, NT>(b ? s.dF[1] : s.dF[0], p.den + (slot * H + h) * C, 1, C);
+      if (p.rowdot)
+        tile::fetch_tile<C, BV, T, NT>(b ? s.X[1] : s.X[0], static_cast<const T*>(p.rowx) + (tok0 * H + h) * V + v0,
+                                       H * V, rows, cols, vec_v);
     }
     if constexpr (GR) {
       if (p.ext) {  // rank-one factors, 0 past the sequence end (null: ones)
@@ -270,12 +290,13 @@ __global__ void __launch_bounds__(NW * 32) sweep_kernel(FwdParams p) {
       }
     } else {
       T* o = p.o ? static_cast<T*>(p.o) + (tok0 * H + h) * V + v0 : nullptr;
-      const T* x = p.rowdot ? static_cast<const T*>(p.rowx) + (tok0 * H + h) * V + v0 : nullptr;
+      const T* x = p.rowdot ? (b ? s.X[1] : s.X[0]) : nullptr;  // x[r][u] at r * ld_h(BV) + u
       float rdp[NR][2];  // per-thread partial row dots (rows 8 j + 2 t (+1))
-      const float* dF = p.normalize ? p.den + (slot * H + h) * C : nullptr;
+      const float* dF = b ? s.dF[1] : s.dF[0];
+      const float* pfs = b ? s.pf[1] : s.pf[0];
 #pragma unroll
       for (int j = 0; j < NR; ++j) {
-        const float4 f = *reinterpret_cast<const float4*>(part + (j * NT + threadIdx.x) * 4);
+        const float4 f = *reinterpret_cast<const float4*>(pfs + (j * NT + threadIdx.x) * 4);
         const float pf[4] = {f.x, f.y, f.z, f.w};
         float inv[2] = {1.f, 1.f};
         if (p.normalize) {
@@ -293,9 +314,8 @@ __global__ void __launch_bounds__(NW * 32) sweep_kernel(FwdParams p) {
           const int r = 8 * j + 2 * t4 + (e & 1), u = e < 2 ? ua : ub;
           const float y = p.scale * (O[j][e] + pf[e]) * inv[e & 1];
           if (r < rows && u < cols) {
-            const int64_t at = static_cast<int64_t>(r) * H * V + u;
-            if (o) o[at] = tile::from_f<T>(y);
-            if (x) rdp[j][e & 1] += tile::to_f(x[at]) * (GR ? pf[e] - O[j][e] : y);
+            if (o) o[static_cast<int64_t>(r) * H * V + u] = tile::from_f<T>(y);
+            if (x) rdp[j][e & 1] += tile::to_f(x[r * ld_h(BV) + u]) * (GR ? pf[e] - O[j][e] : y);
           }
         }
       }
