@@ -245,6 +245,14 @@ __global__ void __launch_bounds__(kThreads, 1) write_bwd_dv_kernel(WriteBwdParam
         for (int e = 0; e < CPT; ++e) o[i][e] = fmaf(a, y[e], o[i][e]);
       }
     }
+    float2 rv[4][CPT / 2];  // R rows, all loaded before any store below (a store that may alias p.r
+#pragma unroll              // would serialise the loads: one DRAM latency each)
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int e = 0; e < CPT; e += 2)
+        rv[i][e / 2] = rg + 16 * i < rows
+                           ? *reinterpret_cast<const float2*>(p.r + (tok0 + rg + 16 * i) * HV + h * V + cg * CPT + e)
+                           : make_float2(0.f, 0.f);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int rr = rg + 16 * i;
@@ -254,8 +262,7 @@ __global__ void __launch_bounds__(kThreads, 1) write_bwd_dv_kernel(WriteBwdParam
 #pragma unroll
       for (int e = 0; e < CPT; e += 2) {
         if (ok) {
-          const float2 rv = *reinterpret_cast<const float2*>(p.r + off + e);
-          part = fmaf(o[i][e], rv.x, fmaf(o[i][e + 1], rv.y, part));
+          part = fmaf(o[i][e], rv[i][e / 2].x, fmaf(o[i][e + 1], rv[i][e / 2].y, part));
           *reinterpret_cast<float2*>(p.dv + off + e) = make_float2(o[i][e], o[i][e + 1]);
           const float b = beta_s[rr];
           *reinterpret_cast<uint32_t*>(static_cast<T*>(p.b16) + off + e) = mma::pack2<T>(b * o[i][e], b * o[i][e + 1]);
