@@ -2,6 +2,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "common/launch.cuh"
@@ -32,6 +34,16 @@ cudaError_t fwd(const ReadFwdParams& p, int64_t slots, cudaStream_t s) {
   });
 }
 
+// LINFLOW_DELTAFORMER_READ=v1: the first backward kernel (read_bwd_kernel) instead of read_bwd2_kernel, for A/B
+// measurements. Read once.
+bool bwd_v1() {
+  static const bool v1 = [] {
+    const char* e = std::getenv("LINFLOW_DELTAFORMER_READ");
+    return e != nullptr && std::string(e) == "v1";
+  }();
+  return v1;
+}
+
 template <typename T>
 cudaError_t bwd(const ReadBwdParams& b, int64_t slots, int64_t tokens, cudaStream_t s) {
   const int64_t rows = tokens * b.f.H;
@@ -39,10 +51,15 @@ cudaError_t bwd(const ReadBwdParams& b, int64_t slots, int64_t tokens, cudaStrea
   read_drow_kernel<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, s>>>(b, rows);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
+  const bool v1 = bwd_v1();
   return with_dims(b.f.K, b.f.V, [&](auto kp, auto vp) {
     constexpr int KP = decltype(kp)::value, VP = decltype(vp)::value;
-    return launch_kernel(read_bwd_kernel<KP, VP, T>, dim3(static_cast<unsigned>(slots * b.f.Hkv)), kThreads,
-                  BwdSmem<KP, VP, T>::kBytes, b, s);
+    if (v1)
+      return launch_kernel(read_bwd_kernel<KP, VP, T>, dim3(static_cast<unsigned>(slots * b.f.Hkv)), kThreads,
+                           BwdSmem<KP, VP, T>::kBytes, b, s);
+    return launch_kernel(read_bwd2_kernel<KP, VP, T>,
+                         dim3(static_cast<unsigned>(bwd2_blocks(b.f.seq, slots) * b.f.Hkv)), kBwd2Threads,
+                         Bwd2Smem<KP, VP, T>::kBytes, b, s);
   });
 }
 
