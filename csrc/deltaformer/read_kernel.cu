@@ -25,23 +25,29 @@ cudaError_t with_dims(int K, int V, F&& f) {
   return V <= 64 ? f(D128{}, D64{}) : f(D128{}, D128{});
 }
 
+// LINFLOW_DELTAFORMER_READ (read once), for A/B measurements: "v1" runs the first kernels (read_fwd_kernel,
+// read_bwd_kernel) instead of read_fwd2_kernel, read_bwd2_kernel; "fwd1" only the first forward.
+int read_version_env() {  // 0: v2 (default), 1: v1, 2: fwd1
+  static const int v = [] {
+    const char* e = std::getenv("LINFLOW_DELTAFORMER_READ");
+    const std::string s = e ? e : "";
+    return s == "v1" ? 1 : s == "fwd1" ? 2 : 0;
+  }();
+  return v;
+}
+bool fwd_v1() { return read_version_env() != 0; }
+bool bwd_v1() { return read_version_env() == 1; }
+
 template <typename T>
 cudaError_t fwd(const ReadFwdParams& p, int64_t slots, cudaStream_t s) {
   return with_dims(p.K, p.V, [&](auto kp, auto vp) {
     constexpr int KP = decltype(kp)::value, VP = decltype(vp)::value;
-    return launch_kernel(read_fwd_kernel<KP, VP, T>, dim3(static_cast<unsigned>(slots * p.H)), kThreads,
-                  FwdSmem<KP, VP, T>::kBytes, p, s);
+    if (fwd_v1())
+      return launch_kernel(read_fwd_kernel<KP, VP, T>, dim3(static_cast<unsigned>(slots * p.H)), kThreads,
+                           FwdSmem<KP, VP, T>::kBytes, p, s);
+    return launch_kernel(read_fwd2_kernel<KP, VP, T>, dim3(static_cast<unsigned>(fwd2_blocks(p.seq, slots) * p.H)),
+                         kThreads, Fwd2Smem<KP, VP, T>::kBytes, p, s);
   });
-}
-
-// LINFLOW_DELTAFORMER_READ=v1: the first backward kernel (read_bwd_kernel) instead of read_bwd2_kernel, for A/B
-// measurements. Read once.
-bool bwd_v1() {
-  static const bool v1 = [] {
-    const char* e = std::getenv("LINFLOW_DELTAFORMER_READ");
-    return e != nullptr && std::string(e) == "v1";
-  }();
-  return v1;
 }
 
 template <typename T>

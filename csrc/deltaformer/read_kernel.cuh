@@ -537,4 +537,172 @@ __global__ void __launch_bounds__(kBwd2Threads) read_bwd2_kernel(ReadBwdParams b
   }
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// Forward v2 (the default; LINFLOW_DELTAFORMER_READ=v1 selects read_fwd_kernel). Block = (query head h, pair of
+// query tiles c0, c0 + 1 = 128 rows), 4 warps of 32 rows (two m16 tiles: every K / U fragment read from shared
+// memory feeds two mma.sync, half of v1's shared-memory traffic per FLOP); Q fragments are read from shared memory
+// per key tile (registers go to the two row tiles' O and S). Key tiles stream through double-buffered shared memory
+// as in v1; a warp skips a key tile none of its rows sees (the second diagonal tile for rows 0..63). Blocks run
+// longest first: dense by descending tile pair over all sequences, varlen by descending slot (odd slots exit).
+constexpr int BM = 2 * C;
+
+template <int KP, int VP, typename T>
+struct Fwd2Smem {
+  static constexpr int kQ = BM * ld_h(KP), kK = C * ld_h(KP), kU = C * ld_h(VP);
+  static constexpr size_t kBytes = sizeof(T) * (kQ + 2 * kK + 2 * kU);
+};
+
+__host__ __device__ inline int64_t fwd2_blocks(const chunk::SeqLayout& s, int64_t slots) {
+  return s.cu ? slots : s.N * (((s.T + C - 1) / C + 1) / 2);
+}
+// block (per head; the grid's count `nb`) -> (sequence, first query tile c0 (even), bos, len); longest first.
+__device__ __forceinline__ bool fwd2_locate(const chunk::SeqLayout& s, int64_t blk, int64_t nb, int& n, int64_t& c0,
+                                            int64_t& bos, int64_t& len) {
+  if (!s.cu) {
+    const int64_t np = ((s.T + C - 1) / C + 1) / 2;
+    n = static_cast<int>(blk % s.N);
+    c0 = 2 * (np - 1 - blk / s.N);
+    bos = n * s.T;
+    len = s.T;
+    return c0 >= 0;
+  }
+  return s.locate(nb - 1 - blk, n, c0, bos, len) && c0 % 2 == 0;
+}
+
+template <int KP, int VP, typename T>
+__global__ void __launch_bounds__(kThreads) read_fwd2_kernel(ReadFwdParams p) {
+  constexpr int LK = ld_h(KP), LV = ld_h(VP), NV = VP / 8, NS = C / 8;
+  using S = Fwd2Smem<KP, VP, T>;
+  extern __shared__ __align__(128) char smem[];
+  T* Qs = reinterpret_cast<T*>(smem);
+  T* const Ks[2] = {Qs + S::kQ, Qs + S::kQ + S::kK};
+  T* const Us[2] = {Qs + S::kQ + 2 * S::kK, Qs + S::kQ + 2 * S::kK + S::kU};
+  const int h = blockIdx.x % p.H, hk = h / (p.H / p.Hkv);
+  int n;
+  int64_t c0, bos, len;
+  if (!fwd2_locate(p.seq, blockIdx.x / p.H, gridDim.x / p.H, n, c0, bos, len)) return;
+  const int rows = static_cast<int>(min(static_cast<int64_t>(BM), len - c0 * C));
+  const int64_t H = p.H, Hkv = p.Hkv, K = p.K, V = p.V, tok0 = bos + c0 * C;
+  const int64_t jlast = c0 + (rows - 1) / C;  // last key tile: the block's last query tile
+  const T* kseq = static_cast<const T*>(p.k) + (bos * Hkv + hk) * K;
+  const T* useq = static_cast<const T*>(p.u) + (bos * Hkv + hk) * V;
+  auto fetch_kv = [&](int64_t jb, int buf) {
+    const int kr = static_cast<int>(min(static_cast<int64_t>(C), len - jb * C));
+    tile::fetch_tile<C, KP, T, kThreads>(buf ? Ks[1] : Ks[0], kseq + jb * C * Hkv * K, Hkv * K, kr, p.K, true);
+    tile::fetch_tile<C, VP, T, kThreads>(buf ? Us[1] : Us[0], useq + jb * C * Hkv * V, Hkv * V, kr, p.V, true);
+  };
+  tile::fetch_tile<BM, KP, T, kThreads>(Qs, static_cast<const T*>(p.q) + (tok0 * H + h) * K, H * K, rows, p.K, true);
+  fetch_kv(0, 0);
+  tile::cp_async_commit();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g8 = lane / 4, t4 = lane % 4;
+  const int m0 = 32 * warp;  // row tiles m0.., m0 + 16..; thread rows m0 + g8 + 8 i (i = 0..3)
+  const float sl2 = p.scale * kLog2e;
+  float O[2][NV][4];
+  mma::zero_acc(O[0]);
+  mma::zero_acc(O[1]);
+  float m[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY}, l[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int64_t jb = 0; jb <= jlast; ++jb) {
+    const int buf = static_cast<int>(jb & 1);
+    if (jb < jlast) fetch_kv(jb + 1, buf ^ 1);
+    tile::cp_async_commit();
+    tile::cp_async_wait<1>();
+    __syncthreads();
+    // key u of tile jb visible to row r iff jb C + u <= c0 C + r; offset = (jb - c0) C: u - r <= -offset
+    const int offset = static_cast<int>((jb - c0) * C);
+    if (offset <= m0 + 31) {  // else no row of this warp sees a key of this tile
+      const T* Kt = buf ? Ks[1] : Ks[0];
+      const T* Ut = buf ? Us[1] : Us[0];
+      float Sc[2][NS][4];
+      mma::zero_acc(Sc[0]);
+      mma::zero_acc(Sc[1]);
+#pragma unroll
+      for (int kb = 0; kb < KP / 16; ++kb) {  // S = Q K^T, one B fragment for both row tiles
+        uint32_t a0[4], a1[4];
+        mma::a_from_rows(a0, Qs, LK, m0, 16 * kb);
+        mma::a_from_rows(a1, Qs, LK, m0 + 16, 16 * kb);
+#pragma unroll
+        for (int j = 0; j < NS; j += 2) {
+          uint32_t bb[4];
+          mma::b_from_rows(bb, Kt, LK, 8 * j, 16 * kb);
+          mma::mma16816<T>(Sc[0][j], a0, bb[0], bb[1]);
+          mma::mma16816<T>(Sc[0][j + 1], a0, bb[2], bb[3]);
+          mma::mma16816<T>(Sc[1][j], a1, bb[0], bb[1]);
+          mma::mma16816<T>(Sc[1][j + 1], a1, bb[2], bb[3]);
+        }
+      }
+      const bool diag = offset > m0 - C;  // some key of the tile lies past some row of the warp
+      float mx[4] = {m[0], m[1], m[2], m[3]};
+#pragma unroll
+      for (int t = 0; t < 2; ++t)
+#pragma unroll
+        for (int j = 0; j < NS; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = 2 * t + (e >> 1), r = m0 + g8 + 8 * i, u = 8 * j + 2 * t4 + (e & 1);
+            const float x = diag && u + offset > r ? -INFINITY : Sc[t][j][e] * sl2;
+            Sc[t][j][e] = x;
+            mx[i] = fmaxf(mx[i], x);
+          }
+      float base[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        mx[i] = quad_max(mx[i]);
+        base[i] = mx[i] == -INFINITY ? 0.f : mx[i];  // a row without keys so far: no -inf - -inf
+        const float alpha = exp2f(m[i] - base[i]);   // m = -inf (first tile): 0
+        m[i] = mx[i];
+        l[i] *= alpha;
+#pragma unroll
+        for (int j = 0; j < NV; ++j) {
+          O[i >> 1][j][2 * (i & 1)] *= alpha;
+          O[i >> 1][j][2 * (i & 1) + 1] *= alpha;
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < 2; ++t)
+#pragma unroll
+        for (int j = 0; j < NS; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = 2 * t + (e >> 1);
+            Sc[t][j][e] = exp2f(Sc[t][j][e] - base[i]);
+            l[i] += Sc[t][j][e];
+          }
+#pragma unroll
+      for (int kb = 0; kb < C / 16; ++kb) {  // O += P U, one B fragment for both row tiles
+        uint32_t pa0[4], pa1[4];
+        mma::acc_to_a<T>(pa0, Sc[0], kb);
+        mma::acc_to_a<T>(pa1, Sc[1], kb);
+#pragma unroll
+        for (int j = 0; j < NV; j += 2) {
+          uint32_t bb[4];
+          mma::b_from_cols(bb, Ut, LV, 8 * j, 16 * kb);
+          mma::mma16816<T>(O[0][j], pa0, bb[0], bb[1]);
+          mma::mma16816<T>(O[0][j + 1], pa0, bb[2], bb[3]);
+          mma::mma16816<T>(O[1][j], pa1, bb[0], bb[1]);
+          mma::mma16816<T>(O[1][j + 1], pa1, bb[2], bb[3]);
+        }
+      }
+    }
+    __syncthreads();  // the next iteration's fetch overwrites this tile's buffers
+  }
+
+  T* o = static_cast<T*>(p.o) + (tok0 * H + h) * V;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int r = m0 + g8 + 8 * i;
+    const float lsum = quad_sum(l[i]);  // >= 1 for a row of the sequence: the row max contributes exp2(0)
+    if (r >= rows) continue;
+    const float inv = 1.f / lsum;
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+      const int col = 8 * j + 2 * t4;  // V % 8 == 0: col < V implies col + 1 < V
+      if (col < p.V)
+        *reinterpret_cast<uint32_t*>(o + r * H * V + col) =
+            mma::pack2<T>(O[i >> 1][j][2 * (i & 1)] * inv, O[i >> 1][j][2 * (i & 1) + 1] * inv);
+    }
+    if (t4 == 0) p.lse[(tok0 + r) * H + h] = (m[i] + __log2f(lsum)) * kLn2;
+  }
+}
 }  // namespace linflow::deltaformer::rdk

@@ -1,7 +1,7 @@
 // CPU emulation driver for the Deltaformer read-pass kernels (csrc/deltaformer/read_kernel.cuh): reads the inputs
-// written by check_deltaformer_read.py, runs read_fwd_kernel (o, lse) and, on the reference o and lse, the backward
-// (read_drow_kernel, then read_bwd_kernel of the selected version), one OS thread per CUDA thread; writes o, lse,
-// dq, dk, du.   read_main <dir> bf16|f16 v1|v2
+// written by check_deltaformer_read.py, runs the forward (o, lse) and, on the reference o and lse, the backward
+// (read_drow_kernel, then the backward kernel), one OS thread per CUDA thread; writes o, lse, dq, dk, du.
+//   read_main <dir> bf16|f16 v1|v2     (v1: read_fwd_kernel, read_bwd_kernel; v2: read_fwd2_kernel, read_bwd2_kernel)
 #include "emu.h"
 #include <mutex>
 inline float2 make_float2(float a, float b) { return {a, b}; }
@@ -52,8 +52,15 @@ int run(const std::string& d, const std::string& ver) {
   };
   dims([&](auto kp, auto vp) {
     constexpr int KP = decltype(kp)::value, VP = decltype(vp)::value;
-    launch_grid(smem, sizeof(smem), FwdSmem<KP, VP, T>::kBytes, {unsigned(slots * p.H), 1, 1}, kThreads,
-                [&] { read_fwd_kernel<KP, VP, T>(p); });
+    if (ver == "v1") {
+      launch_grid(smem, sizeof(smem), FwdSmem<KP, VP, T>::kBytes, {unsigned(slots * p.H), 1, 1}, kThreads,
+                  [&] { read_fwd_kernel<KP, VP, T>(p); });
+    } else {
+#ifdef READ_V2
+      launch_grid(smem, sizeof(smem), Fwd2Smem<KP, VP, T>::kBytes, {unsigned(fwd2_blocks(p.seq, slots) * p.H), 1, 1},
+                  kThreads, [&] { read_fwd2_kernel<KP, VP, T>(p); });
+#endif
+    }
   });
   wr(d + "/o.out", o); wr(d + "/lse.out", lse);
   ReadBwdParams bb = b;
