@@ -85,6 +85,7 @@ def run(name, B, T, H, Hkv, K, V, cu=None, seed=0, f16=False):
 cases = {
   "dense_K64_V64_T130": dict(B=1, T=130, H=1, Hkv=1, K=64, V=64),
   "gqa_K128_V64_T100_B2": dict(B=2, T=100, H=4, Hkv=2, K=128, V=64),
+  "gqa_K128_V64_T100_G2": dict(B=1, T=100, H=2, Hkv=1, K=128, V=64),
   "varlen_K64_V32_f16": dict(B=1, T=0, H=2, Hkv=1, K=64, V=32, cu=[0, 70, 70, 71, 200], f16=True),
   "dense_K40_V128_T64_f16": dict(B=1, T=64, H=1, Hkv=1, K=40, V=128, f16=True),
   "dense_K128_V128_T200": dict(B=1, T=200, H=1, Hkv=1, K=128, V=128),
