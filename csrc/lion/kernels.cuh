@@ -25,14 +25,17 @@
 //
 // Backward (lion_bwd; cuda_host.cpp bwd_kernels has the math): the gradients of a
 // symmetric mask are LION products again, so the same launch pair runs them in gradient mode (GR = true):
-//   o = PF + PB unnormalised (scale 1), with an optional rank-one score term: scores q_r . k_u + a_r b_u (ext; the
+//   o = s (PF + PB) unnormalised, with an optional rank-one score term: scores q_r . k_u + a_r b_u (ext; the
 //   ones column of V' = [V, 1] and its gradient g0). Intra-chunk it is added to the score block before the mask;
 //   across chunks each thread keeps w_u = sum over passed tokens of decay b_j v_j[u] for its two value columns
 //   (updated like S: w = e^gL w + V^T diag(kd b), the 4 lanes of a column group splitting the tokens) and adds
-//   fac_r a_r w_u to O^T. rowdot_r = x_r . (PF_r - PB_r) (the per-direction dot products of dg), reduced over the 8
-//   column groups of a warp by shuffles and over the warps in shared memory (one extra barrier a chunk); it needs
-//   all of a row's columns in one block (V <= BV). In forward mode rowdot_r = x_r . o_r in fp32, and
-//   inv_r = 1 / (s D_r + eps): the recompute launch of the normalised backward writes only these (o = null).
+//   fac_r a_r w_u to O^T. The forward sweep can write the diagonal scores (diag: q_t . k_t + a_t b_t, fp32).
+//   Row dots (rowx): the backward sweep's launch streams a C x BV tile of x with the chunk (cp.async, two more
+//   stages); rowdot_r = s x_r . (PF_r - PB_r) (the per-direction dot products of dg), reduced over the 8 column
+//   groups of a warp by shuffles and over the warps in shared memory (one extra barrier a chunk); it needs all of a
+//   row's columns in one block (V <= BV). The last sweep also forms dg itself (dg_rows: the reverse cumsum runs
+//   with the backward sweep's chunk order). In forward mode (the recompute launch of the normalised backward) x = dO
+//   and the launch writes G = s dO inv (as o) and g0 = -s inv (dO . o) (as rowdot), inv = 1 / (s D + eps).
 #pragma once
 #include "common/chunk.cuh"
 #include "common/mma.cuh"
@@ -54,9 +57,12 @@ struct SweepSmem {
   static constexpr size_t kQ = align(sizeof(T) * C * ld_h(KP)), kV = align(sizeof(T) * C * ld_h(BV));
   static constexpr size_t kA = align(sizeof(T) * C * ld_h(C)), kCol = align(sizeof(float) * C);
   static constexpr size_t kZ = align(sizeof(float) * KP);
-  static constexpr size_t bytes() { return 2 * (2 * kQ + kV + kCol) + kA + (3 + NSPLIT) * kCol + kZ + (4 + NW) * kCol; }
+  // rowx: two more stages of a C x BV tile, the row-dot operand x (backward use; the launcher passes p.rowx != null)
+  static constexpr size_t bytes(bool rowx = false) {
+    return 2 * (2 * kQ + kV + kCol) + kA + (3 + NSPLIT) * kCol + kZ + (4 + NW) * kCol + (rowx ? 2 * kV : 0);
+  }
 
-  T *Q[2], *K[2], *V[2], *A;
+  T *Q[2], *K[2], *V[2], *A, *X[2];
   float *g[2], *fac, *kd, *deni, *dsum[NSPLIT], *z;
   float *ea[2], *eb[2], *rd;  // backward use: rank-one score factors (two stages), per-warp row-dot partials [NW][C]
   __device__ explicit SweepSmem(char* base) {
@@ -79,8 +85,34 @@ struct SweepSmem {
       eb[b] = reinterpret_cast<float*>(take(kCol));
     }
     rd = reinterpret_cast<float*>(take(NW * kCol));  // kCol == C floats
+    for (int b = 0; b < 2; ++b) X[b] = reinterpret_cast<T*>(take(kV));  // last: only there with bytes(true)
   }
 };
+
+// The gate gradient of a chunk from the last gradient sweep's row dots (warp 0, lane L: rows 2 L, 2 L + 1, val = the
+// rows' s k . (dkF - dkB)): dg_pre = rq + val - 2 s hv qk (cuda_host.cpp bwd_kernels), dg = its reverse cumsum over the
+// sequence: a suffix scan over the chunk's rows plus `carry`, the sum over the later chunks (the sweep runs backward).
+__device__ __forceinline__ void dg_rows(const FwdParams& p, const float (&val)[2], int64_t tok0, int h, int rows,
+                                        float& carry) {
+  const int lane = threadIdx.x % 32;
+  float pre[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = 2 * lane + i;
+    const int64_t t = (tok0 + r) * p.H + h;
+    pre[i] = r < rows ? p.rq[t] + val[i] - 2.f * p.scale * p.hv[t] * p.qk[t] : 0.f;
+  }
+  float x = pre[0] + pre[1];  // inclusive suffix sum over the lanes
+#pragma unroll
+  for (int off = 1; off < 32; off *= 2) {
+    const float y = __shfl_down_sync(0xffffffff, x, off);
+    if (lane + off < 32) x += y;
+  }
+  const float r0 = carry + x, r1 = r0 - pre[0];
+  if (2 * lane < rows) p.dg[(tok0 + 2 * lane) * p.H + h] = r0;
+  if (2 * lane + 1 < rows) p.dg[(tok0 + 2 * lane + 1) * p.H + h] = r1;
+  carry += __shfl_sync(0xffffffff, x, 0);
+}
 
 // One direction's sweep over the chunks of one (sequence, head, v-tile); see the file comment. BWD = false: the
 // forward sweep (chunks ascending, writes part / den); BWD = true: the backward sweep (chunks descending, reads
@@ -114,6 +146,9 @@ __global__ void __launch_bounds__(NW * 32) sweep_kernel(FwdParams p) {
     tile::fetch_tile<C, KP, T, NT>(b ? s.Q[1] : s.Q[0], q + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
     tile::fetch_tile<C, KP, T, NT>(b ? s.K[1] : s.K[0], k + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
     tile::fetch_tile<C, BV, T, NT>(b ? s.V[1] : s.V[0], v + (tok0 * H + h) * V + v0, H * V, rows, cols, vec_v);
+    if (BWD && p.rowx)  // the row-dot operand, same layout as V (zero past rows / cols)
+      tile::fetch_tile<C, BV, T, NT>(b ? s.X[1] : s.X[0], static_cast<const T*>(p.rowx) + (tok0 * H + h) * V + v0,
+                                     H * V, rows, cols, vec_v);
     float* gd = b ? s.g[1] : s.g[0];
     if (gsrc) {  // selective: token tok0 + r - shift, within the sequence
       for (int r = threadIdx.x; r < C; r += NT) {
@@ -141,6 +176,7 @@ __global__ void __launch_bounds__(NW * 32) sweep_kernel(FwdParams p) {
   float S[NK][4];  // S^T: rows = value columns ua / ub, cols = k index 8 j + 2 t (+1)
   mma::zero_acc(S);
   float w[2] = {0.f, 0.f};  // GR, ext: w_u = sum over passed tokens of decay b_j v_j[u], u = ua / ub
+  float dgc = 0.f;          // GR, dg: the gate gradient summed over the chunks already passed (warp 0)
   for (int i = threadIdx.x; i < KP; i += NT) s.z[i] = 0.f;
   if (nc > 0) prefetch(BWD ? nc - 1 : 0);
   for (int64_t it = 0; it < nc; ++it) {
@@ -176,6 +212,15 @@ __global__ void __launch_bounds__(NW * 32) sweep_kernel(FwdParams p) {
           const float bu[2] = {eb[u], eb[u + 1]};
 #pragma unroll
           for (int e = 0; e < 4; ++e) A[j][e] += ar[e >> 1] * bu[e & 1];
+        }
+        if constexpr (GR && !BWD) {
+          if (p.diag) {  // the fp32 score of each token with itself (block-uniform branch)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int r = e < 2 ? r0 : r1;
+              if (u + (e & 1) == r && r < rows) p.diag[(tok0 + r) * H + h] = A[j][e];
+            }
+          }
         }
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
@@ -269,43 +314,45 @@ __global__ void __launch_bounds__(NW * 32) sweep_kernel(FwdParams p) {
         p.den[(slot * H + h) * C + r] = d;
       }
     } else {
-      T* o = p.o ? static_cast<T*>(p.o) + (tok0 * H + h) * V + v0 : nullptr;
-      const T* x = p.rowdot ? static_cast<const T*>(p.rowx) + (tok0 * H + h) * V + v0 : nullptr;
-      float rdp[NR][2];  // per-thread partial row dots (rows 8 j + 2 t (+1))
+      // y = s (PF + PB) inv (inv = 1 / (s D + eps) normalised, else 1); first every element (the partials' loads
+      // all issue before the first store), then the stores. Row dot of x (the X tile): GR: s x . (PF - PB);
+      // forward mode (the recompute launch): o := s x inv (= G) and rowdot := -s inv (x . y) (= g0).
+      const bool hx = p.rowx != nullptr;  // block-uniform
+      const T* Xs = b ? s.X[1] : s.X[0];
       const float* dF = p.normalize ? p.den + (slot * H + h) * C : nullptr;
+      auto row_inv = [&](int r) {
+        if (!p.normalize) return 1.f;
+        float d = s.deni[r] + s.dsum[0][r] + dF[r];
+        if constexpr (NSPLIT > 1) d += s.dsum[1][r];
+        return 1.f / (p.scale * d + p.eps);
+      };
+      float rdp[NR][2];  // per-thread partial row dots (rows 8 j + 2 t (+1))
 #pragma unroll
       for (int j = 0; j < NR; ++j) {
         const float4 f = *reinterpret_cast<const float4*>(part + (j * NT + threadIdx.x) * 4);
         const float pf[4] = {f.x, f.y, f.z, f.w};
-        float inv[2] = {1.f, 1.f};
-        if (p.normalize) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int r = 8 * j + 2 * t4 + e;
-            float d = s.deni[r] + s.dsum[0][r] + dF[r];
-            if constexpr (NSPLIT > 1) d += s.dsum[1][r];
-            inv[e] = 1.f / (p.scale * d + p.eps);
-          }
-        }
+        const float inv[2] = {row_inv(8 * j + 2 * t4), row_inv(8 * j + 2 * t4 + 1)};
         rdp[j][0] = rdp[j][1] = 0.f;
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = 8 * j + 2 * t4 + (e & 1), u = e < 2 ? ua : ub;
           const float y = p.scale * (O[j][e] + pf[e]) * inv[e & 1];
-          if (r < rows && u < cols) {
-            const int64_t at = static_cast<int64_t>(r) * H * V + u;
-            if (o) o[at] = tile::from_f<T>(y);
-            if (x) rdp[j][e & 1] += tile::to_f(x[at]) * (GR ? pf[e] - O[j][e] : y);
-          }
+          const float xv = hx ? tile::to_f(Xs[r * ld_h(BV) + u]) : 0.f;
+          rdp[j][e & 1] += xv * (GR ? pf[e] - O[j][e] : y);
+          O[j][e] = (!GR && hx) ? p.scale * xv * inv[e & 1] : y;
         }
       }
-      if (p.normalize && p.inv && vt == 0 && threadIdx.x < rows) {
-        const int r = threadIdx.x;
-        float d = s.deni[r] + s.dsum[0][r] + dF[r];
-        if constexpr (NSPLIT > 1) d += s.dsum[1][r];
-        p.inv[(tok0 + r) * H + h] = 1.f / (p.scale * d + p.eps);
+      if (p.o) {
+        T* o = static_cast<T*>(p.o) + (tok0 * H + h) * V + v0;
+#pragma unroll
+        for (int j = 0; j < NR; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = 8 * j + 2 * t4 + (e & 1), u = e < 2 ? ua : ub;
+            if (r < rows && u < cols) o[static_cast<int64_t>(r) * H * V + u] = tile::from_f<T>(O[j][e]);
+          }
       }
-      if (x) {  // rowdot: sum over the 8 column groups of the warp (lanes g8), then over the warps
+      if (hx) {  // row dots: sum over the 8 column groups of the warp (lanes g8), then over the warps
 #pragma unroll
         for (int j = 0; j < NR; ++j)
 #pragma unroll
@@ -317,11 +364,20 @@ __global__ void __launch_bounds__(NW * 32) sweep_kernel(FwdParams p) {
             if (g8 == 0) s.rd[warp * C + 8 * j + 2 * t4 + i] = v_;
           }
         __syncthreads();  // rd complete (block-uniform branch); rd is next written after the next chunk's B2
-        if (threadIdx.x < rows) {
-          float acc = 0.f;
+        if (warp == 0) {  // lane L: rows 2 L, 2 L + 1
+          float val[2];
 #pragma unroll
-          for (int i = 0; i < NW; ++i) acc += s.rd[i * C + threadIdx.x];
-          p.rowdot[(tok0 + threadIdx.x) * H + h] = acc;
+          for (int i = 0; i < 2; ++i) {
+            const int r = 2 * lane + i;
+            float acc = 0.f;
+#pragma unroll
+            for (int w_ = 0; w_ < NW; ++w_) acc += s.rd[w_ * C + r];
+            val[i] = GR ? p.scale * acc : -p.scale * row_inv(r) * acc;
+            if (p.rowdot && r < rows) p.rowdot[(tok0 + r) * H + h] = val[i];
+          }
+          if constexpr (GR) {
+            if (p.dg) dg_rows(p, val, tok0, h, rows, dgc);
+          }
         }
       }
     }
