@@ -89,6 +89,22 @@ struct SweepSmem {
   }
 };
 
+// Sum of 16 values v[2 j + i] a thread over the 8 lanes of its column group (lanes t, t + 4, .., t + 28), as a
+// reduce-scatter (14 shuffles instead of 48): at each step a lane keeps half of its values and adds the partner's
+// copy of that half, the half chosen by the lane-index bit. Ends with v[i] = the sum of v[2 g8 + i], g8 = lane / 4.
+__device__ __forceinline__ void column_group_sum(float (&v)[16]) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int n = 8; n >= 2; n /= 2) {  // lane bit 16 / 8 / 4 picks the upper half of v[0 .. 2 n)
+    const bool up = lane & (2 * n);
+#pragma unroll
+    for (int i = 0; i < n; ++i) {
+      const float other = __shfl_xor_sync(0xffffffff, up ? v[i] : v[i + n], 2 * n);
+      v[i] = (up ? v[i + n] : v[i]) + other;
+    }
+  }
+}
+
 // The gate gradient of a chunk from the last gradient sweep's row dots (warp 0, lane L: rows 2 L, 2 L + 1, val = the
 // rows' s k . (dkF - dkB)): dg_pre = rq + val - 2 s hv qk (cuda_host.cpp bwd_kernels), dg = its reverse cumsum over the
 // sequence: a suffix scan over the chunk's rows plus `carry`, the sum over the later chunks (the sweep runs backward).
@@ -326,19 +342,19 @@ __global__ void __launch_bounds__(NW * 32) sweep_kernel(FwdParams p) {
         if constexpr (NSPLIT > 1) d += s.dsum[1][r];
         return 1.f / (p.scale * d + p.eps);
       };
-      float rdp[NR][2];  // per-thread partial row dots (rows 8 j + 2 t (+1))
+      float rdp[2 * NR];  // per-thread partial row dots: rdp[2 j + i] for row 8 j + 2 t + i
 #pragma unroll
       for (int j = 0; j < NR; ++j) {
         const float4 f = *reinterpret_cast<const float4*>(part + (j * NT + threadIdx.x) * 4);
         const float pf[4] = {f.x, f.y, f.z, f.w};
         const float inv[2] = {row_inv(8 * j + 2 * t4), row_inv(8 * j + 2 * t4 + 1)};
-        rdp[j][0] = rdp[j][1] = 0.f;
+        rdp[2 * j] = rdp[2 * j + 1] = 0.f;
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = 8 * j + 2 * t4 + (e & 1), u = e < 2 ? ua : ub;
           const float y = p.scale * (O[j][e] + pf[e]) * inv[e & 1];
           const float xv = hx ? tile::to_f(Xs[r * ld_h(BV) + u]) : 0.f;
-          rdp[j][e & 1] += xv * (GR ? pf[e] - O[j][e] : y);
+          rdp[2 * j + (e & 1)] += xv * (GR ? pf[e] - O[j][e] : y);
           O[j][e] = (!GR && hx) ? p.scale * xv * inv[e & 1] : y;
         }
       }
@@ -353,16 +369,9 @@ __global__ void __launch_bounds__(NW * 32) sweep_kernel(FwdParams p) {
           }
       }
       if (hx) {  // row dots: sum over the 8 column groups of the warp (lanes g8), then over the warps
-#pragma unroll
-        for (int j = 0; j < NR; ++j)
-#pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            float v_ = rdp[j][i];
-            v_ += __shfl_xor_sync(0xffffffff, v_, 4);
-            v_ += __shfl_xor_sync(0xffffffff, v_, 8);
-            v_ += __shfl_xor_sync(0xffffffff, v_, 16);
-            if (g8 == 0) s.rd[warp * C + 8 * j + 2 * t4 + i] = v_;
-          }
+        column_group_sum(rdp);
+        s.rd[warp * C + 8 * g8 + 2 * t4] = rdp[0];
+        s.rd[warp * C + 8 * g8 + 2 * t4 + 1] = rdp[1];
         __syncthreads();  // rd complete (block-uniform branch); rd is next written after the next chunk's B2
         if (warp == 0) {  // lane L: rows 2 L, 2 L + 1
           float val[2];
