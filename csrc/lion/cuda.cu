@@ -15,7 +15,7 @@ namespace {
 template <int KP, int NW, bool BWD, typename T, bool GR>
 cudaError_t launch_sweep(const FwdParams& p, int64_t N, cudaStream_t stream) {
   constexpr int BV = 16 * NW;
-  const size_t smem = SweepSmem<KP, NW, T>::bytes();
+  const size_t smem = SweepSmem<KP, NW, T>::bytes(BWD, p.rowx != nullptr);
   auto kernel = sweep_kernel<KP, NW, BWD, T, GR>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;

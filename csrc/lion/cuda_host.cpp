@@ -111,14 +111,16 @@ Tensor fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const std::op
 
 // Backward on the sweep kernels (symmetric mask M = M^T; s = scale; G = s dP, dP = dL/dP with P = s ((Q K^T) o M) V'):
 //   normalised: o = P / (s D + eps), so G = s dO inv (V columns) and the denominator column's g0 = -s (dO . o) inv,
-//     inv = 1 / (s D + eps); one recompute launch pair (forward mode) writes inv and dO . o per row (rowdot);
-//   dv = ((K Q^T) o M) G                    (sweeps of (k, q, G))
-//   dq = ((G V^T + g0 1^T) o M) K           (sweeps of (G, v, k), rank-one term a = g0, b = 1)
-//   dk = ((V G^T + 1 g0^T) o M) Q           (sweeps of (v, G, q), rank-one term a = 1, b = g0)
+//     inv = 1 / (s D + eps); one recompute launch pair (forward mode, x = dO) writes G (bf16 / fp16) and g0;
+//     unnormalised: G = s dO, run as dO with the gradient sweeps' output scale s (no copy);
+//   dv = ((K Q^T) o M) G                    (sweeps of (k, q, G); the forward sweep writes qk_t = q_t . k_t)
+//   dq = ((G V^T + g0 1^T) o M) K           (sweeps of (G, v, k), rank-one term a = g0, b = 1; writes
+//                                            hv_t = G_t . v_t + g0_t and rq = q . (dqF - dqB))
+//   dk = ((V G^T + 1 g0^T) o M) Q           (sweeps of (v, G, q), rank-one term a = 1, b = g0; forms dg)
 //   gates (ALGORITHMS.md §4 / lion_aten.cpp full_bwd with h = dA o A): per token t
-//     dg_pre_t = q_t . (dqF - dqB)_t + k_t . (dkF - dkB)_t - 2 h_tt,   h_tt = (G_t . v_t + g0_t) (q_t . k_t),
-//     F / B = the forward / backward sweep's part (rowdot of the gradient sweeps), dg = the per-sequence reverse
-//     cumsum of dg_pre; fixed decay: d log lam = sum over tokens of dg, dlam = that / lam.
+//     dg_pre_t = q_t . (dqF - dqB)_t + k_t . (dkF - dkB)_t - 2 h_tt,   h_tt = hv_t qk_t,
+//     F / B = the forward / backward sweep's part, dg = the per-sequence reverse cumsum of dg_pre (fp32, in the
+//     dk launch's backward sweep); fixed decay: d log lam = sum over tokens of dg, dlam = that / lam.
 // Returns what bwd_aten returns.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_kernels(
     const Config& c, const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& g,
@@ -129,17 +131,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_kernels(
   const Elem el = st == at::kBFloat16 ? Elem::bf16 : Elem::f16;
   const auto f32 = q.options().dtype(at::kFloat);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  Tensor qc = q.contiguous(), kc = k.to(st).contiguous(), vc = v.to(st).contiguous();
-  Tensor dO = grad_o.to(st).contiguous();
+  Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), dO = grad_o.to(st).contiguous();
   Tensor gf, lam_log, cu;
   if (c.decay == Decay::selective) gf = g->to(at::kFloat).contiguous();
   if (c.decay == Decay::fixed) lam_log = lam->to(f32).log().contiguous();
   if (varlen) cu = cu_seqlens->to(at::kLong).contiguous();
   const int64_t slots = chunk::num_slots(varlen, c.T, c.N);
   Tensor part = at::empty({slots, c.H, chunk::C * 128}, f32);  // one v-tile of at most 128 columns a call
-  const double s = c.scale;
+  auto rows = [&] { return at::empty({c.B, c.T, c.H}, f32); };
 
-  auto params = [&](const Tensor& a, const Tensor& b, const Tensor& val, int64_t Dqk, int64_t Dv) {
+  auto params = [&](const Tensor& a, const Tensor& b, const Tensor& val, int64_t Dqk, int64_t Dv, double scale,
+                    const Tensor& rowx) {
     FwdParams p{};
     p.q = a.data_ptr(); p.k = b.data_ptr(); p.v = val.data_ptr();
     p.gf = p.gb = gf.defined() ? gf.data_ptr<float>() : nullptr;
@@ -147,47 +149,52 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_kernels(
     p.part = part.data_ptr<float>();
     p.seq = {varlen ? cu.data_ptr<int64_t>() : nullptr, c.T, static_cast<int>(c.N)};
     p.H = static_cast<int>(c.H); p.K = static_cast<int>(Dqk); p.V = static_cast<int>(Dv);
-    p.scale = 1.f;
+    p.scale = static_cast<float>(scale);
     p.eps = static_cast<float>(c.eps);
     p.vec_k = Dqk % 8 == 0 && aligned16(a) && aligned16(b);
-    p.vec_v = Dv % 8 == 0 && aligned16(val);
-    p.block_columns = sweep_block_columns(Dv);  // one v-tile (Dv <= 128): rowdot needs every column in the block
+    p.vec_v = Dv % 8 == 0 && aligned16(val) && (!rowx.defined() || aligned16(rowx));
+    p.rowx = rowx.defined() ? rowx.data_ptr() : nullptr;
+    p.block_columns = sweep_block_columns(Dv);  // one v-tile (Dv <= 128): row dots need every column in the block
     return p;
   };
 
-  Tensor G, g0;
+  Tensor G = dO, g0;
+  double gs = c.scale;  // the gradient sweeps' output scale: G = gs * (the tensor passed as G)
   if (c.normalize) {
     Tensor den = at::empty({slots, c.H, chunk::C}, f32);
-    Tensor delta = at::empty({c.B, c.T, c.H}, f32), inv = at::empty({c.B, c.T, c.H}, f32);
-    FwdParams p = params(qc, kc, vc, c.K, c.V);
+    G = at::empty_like(dO);
+    g0 = rows();
+    FwdParams p = params(qc, kc, vc, c.K, c.V, c.scale, dO);
     p.normalize = true;
-    p.scale = static_cast<float>(s);
     p.den = den.data_ptr<float>();
-    p.o = nullptr;  // only inv and dO . o
-    p.inv = inv.data_ptr<float>();
-    p.rowx = dO.data_ptr();
-    p.rowdot = delta.data_ptr<float>();
+    p.o = G.data_ptr();
+    p.rowdot = g0.data_ptr<float>();
     C10_CUDA_CHECK(launch_forward(p, el, c.N, stream));
-    G = (dO.to(at::kFloat) * (inv * s).unsqueeze(-1)).to(st);
-    g0 = (delta * inv).mul_(-s).contiguous();
-  } else {
-    G = s == 1.0 ? dO : (dO.to(at::kFloat) * s).to(st);
+    gs = 1.0;
   }
 
   Tensor dq = new_output({c.B, c.T, c.H, c.K}, q.options()), dk = new_output({c.B, c.T, c.H, c.K}, q.options());
   Tensor dv = new_output({c.B, c.T, c.H, c.V}, q.options());
-  Tensor rq = gated ? at::empty({c.B, c.T, c.H}, f32) : Tensor(), rk = gated ? at::empty_like(rq) : Tensor();
+  Tensor qk, hv, rq, R;
+  if (gated) qk = rows(), hv = rows(), rq = rows(), R = rows();
+  auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
   {
-    FwdParams p = params(kc, qc, G, c.K, c.V);
+    FwdParams p = params(kc, qc, G, c.K, c.V, gs, Tensor());
     p.o = dv.data_ptr();
+    p.diag = ptr(qk);
     C10_CUDA_CHECK(launch_grad_sweeps(p, el, c.N, stream));
   }
   for (int which = 0; which < 2; ++which) {  // 0: dq, 1: dk
-    FwdParams p = which == 0 ? params(G, vc, kc, c.V, c.K) : params(vc, G, qc, c.V, c.K);
+    const Tensor x = gated ? (which == 0 ? qc : kc) : Tensor();
+    FwdParams p = which == 0 ? params(G, vc, kc, c.V, c.K, gs, x) : params(vc, G, qc, c.V, c.K, gs, x);
     p.o = which == 0 ? dq.data_ptr() : dk.data_ptr();
-    if (gated) {
-      p.rowx = which == 0 ? qc.data_ptr() : kc.data_ptr();
-      p.rowdot = which == 0 ? rq.data_ptr<float>() : rk.data_ptr<float>();
+    if (gated && which == 0) {
+      p.rowdot = rq.data_ptr<float>();
+      p.diag = hv.data_ptr<float>();
+    }
+    if (gated && which == 1) {
+      p.rq = rq.data_ptr<float>(); p.hv = hv.data_ptr<float>(); p.qk = qk.data_ptr<float>();
+      p.dg = R.data_ptr<float>();
     }
     if (c.normalize) {
       p.ext = true;
@@ -198,23 +205,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_kernels(
 
   auto empty = [&] { return at::empty({0}, q.options()); };  // one per output: outputs must not alias
   Tensor dg_out = empty(), dlam_out = empty();
-  if (gated) {
-    Tensor gv = (G.to(at::kFloat) * vc.to(at::kFloat)).sum(-1);
-    if (c.normalize) gv += g0;
-    Tensor pre = (rq + rk - 2.0 * gv * (qc.to(at::kFloat) * kc.to(at::kFloat)).sum(-1)).to(at::kDouble);
-    Tensor R = pre.flip(1).cumsum(1).flip(1);  // [B, T, H] reverse cumsum over the (packed) row
-    if (varlen) {  // per sequence: minus the reverse cumsum at the next sequence's start
-      Tensor pos = at::arange(c.T, cu.options());
-      Tensor end = cu.index({at::searchsorted(cu, pos, /*out_int32=*/false, /*right=*/true)});
-      Tensor Rp = at::cat({R, at::zeros({1, 1, c.H}, R.options())}, 1);
-      R = R - Rp.index_select(1, end);
-    }
-    if (c.decay == Decay::selective) {
-      dg_out = R.to(g->scalar_type());
-    } else {
-      dlam_out = (R.sum(at::IntArrayRef{0, 1}) / lam->to(at::kDouble)).to(lam->scalar_type());
-    }
-  }
+  if (c.decay == Decay::selective) dg_out = R.to(g->scalar_type());
+  if (c.decay == Decay::fixed)
+    dlam_out = (R.to(at::kDouble).sum(at::IntArrayRef{0, 1}) / lam->to(at::kDouble)).to(lam->scalar_type());
   return {dq, dk, dv, dg_out, empty(), dlam_out};
 }
 

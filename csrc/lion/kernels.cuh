@@ -16,7 +16,8 @@
 //
 // Two launches of one kernel (sweep_kernel<.., BWD>): grid (v-tiles of BV = 16 NW columns, H, sequences), NW warps.
 // The forward sweep writes its fp32 partial numerators (in the accumulator layout: one float4 a thread per 8-token
-// group, fully coalesced) and denominators to workspaces; the backward sweep adds its own, normalises and writes o.
+// group, fully coalesced) and denominators to workspaces; the backward sweep stages them a chunk ahead (cp.async,
+// like its tiles: plain loads in the epilogue cost a DRAM round trip a chunk), adds its own, normalises, writes o.
 // Warp w owns value columns 16 w.. of the tile: S^T (16 x KP) and the chunk's output O^T (16 x C) are m16n8
 // accumulators; O^T = S^T Q^T and S^T += (V^T diag(kd)) K are warp-local register GEMMs (state_mma.cuh's pattern),
 // the masked score block A = (Q K^T) o E is computed once a block (warp w: rows 16 (w % 4).., columns split over
@@ -25,14 +26,17 @@
 //
 // Backward (lion_bwd; cuda_host.cpp bwd_kernels has the math): the gradients of a
 // symmetric mask are LION products again, so the same launch pair runs them in gradient mode (GR = true):
-//   o = PF + PB unnormalised (scale 1), with an optional rank-one score term: scores q_r . k_u + a_r b_u (ext; the
+//   o = s (PF + PB) unnormalised, with an optional rank-one score term: scores q_r . k_u + a_r b_u (ext; the
 //   ones column of V' = [V, 1] and its gradient g0). Intra-chunk it is added to the score block before the mask;
 //   across chunks each thread keeps w_u = sum over passed tokens of decay b_j v_j[u] for its two value columns
 //   (updated like S: w = e^gL w + V^T diag(kd b), the 4 lanes of a column group splitting the tokens) and adds
-//   fac_r a_r w_u to O^T. rowdot_r = x_r . (PF_r - PB_r) (the per-direction dot products of dg), reduced over the 8
-//   column groups of a warp by shuffles and over the warps in shared memory (one extra barrier a chunk); it needs
-//   all of a row's columns in one block (V <= BV). In forward mode rowdot_r = x_r . o_r in fp32, and
-//   inv_r = 1 / (s D_r + eps): the recompute launch of the normalised backward writes only these (o = null).
+//   fac_r a_r w_u to O^T. The forward sweep can write the diagonal scores (diag: q_t . k_t + a_t b_t, fp32).
+//   Row dots (rowx): the backward sweep's launch streams a C x BV tile of x with the chunk (cp.async, two more
+//   stages); rowdot_r = s x_r . (PF_r - PB_r) (the per-direction dot products of dg), reduced over the 8 column
+//   groups of a warp by shuffles and over the warps in shared memory (one extra barrier a chunk); it needs all of a
+//   row's columns in one block (V <= BV). The last sweep also forms dg itself (dg_rows: the reverse cumsum runs
+//   with the backward sweep's chunk order). In forward mode (the recompute launch of the normalised backward) x = dO
+//   and the launch writes G = s dO inv (as o) and g0 = -s inv (dO . o) (as rowdot), inv = 1 / (s D + eps).
 #pragma once
 #include "common/chunk.cuh"
 #include "common/mma.cuh"
@@ -54,16 +58,18 @@ struct SweepSmem {
   static constexpr size_t kQ = align(sizeof(T) * C * ld_h(KP)), kV = align(sizeof(T) * C * ld_h(BV));
   static constexpr size_t kA = align(sizeof(T) * C * ld_h(C)), kCol = align(sizeof(float) * C);
   static constexpr size_t kZ = align(sizeof(float) * KP);
-  static constexpr size_t kP = align(sizeof(float) * C * BV);  // backward sweep: the forward sweep's partials
-  static constexpr size_t bytes() {
-    return 2 * (2 * kQ + kV + kCol) + kA + (3 + NSPLIT) * kCol + kZ + (4 + NW) * kCol + 2 * (kP + kV + kCol);
+  static constexpr size_t kP = align(sizeof(float) * C * BV);
+  // bwd: two stages of the forward sweep's partials and denominators (the backward sweep reads them a chunk ahead);
+  // rowx: two more stages of a C x BV tile, the row-dot operand x (backward use; the launcher passes p.rowx != null)
+  static constexpr size_t bytes(bool bwd, bool rowx) {
+    return 2 * (2 * kQ + kV + kCol) + kA + (3 + NSPLIT) * kCol + kZ + (4 + NW) * kCol + (bwd ? 2 * (kP + kCol) : 0) +
+           (rowx ? 2 * kV : 0);
   }
 
-  T *Q[2], *K[2], *V[2], *A;
+  T *Q[2], *K[2], *V[2], *A, *X[2];
   float *g[2], *fac, *kd, *deni, *dsum[NSPLIT], *z;
   float *ea[2], *eb[2], *rd;  // backward use: rank-one score factors (two stages), per-warp row-dot partials [NW][C]
-  float *pf[2], *dF[2];        // backward sweep, two stages: the forward sweep's partials (its accumulator layout)
-  T* X[2];                     //   and denominators; the row-dot operand x (C x BV)
+  float *pf[2], *dF[2];  // backward sweep, two stages: the forward sweep's partials (its accumulator layout), dens
   __device__ explicit SweepSmem(char* base) {
     size_t o = 0;
     auto take = [&](size_t n) { char* r = base + o; o += n; return r; };
@@ -84,13 +90,54 @@ struct SweepSmem {
       eb[b] = reinterpret_cast<float*>(take(kCol));
     }
     rd = reinterpret_cast<float*>(take(NW * kCol));  // kCol == C floats
-    for (int b = 0; b < 2; ++b) {
+    for (int b = 0; b < 2; ++b) {  // only there with bytes(bwd = true)
       pf[b] = reinterpret_cast<float*>(take(kP));
-      X[b] = reinterpret_cast<T*>(take(kV));
       dF[b] = reinterpret_cast<float*>(take(kCol));
     }
+    for (int b = 0; b < 2; ++b) X[b] = reinterpret_cast<T*>(take(kV));  // last: only there with bytes(.., true)
   }
 };
+
+// Sum of 16 values v[2 j + i] a thread over the 8 lanes of its column group (lanes t, t + 4, .., t + 28), as a
+// reduce-scatter (14 shuffles instead of 48): at each step a lane keeps half of its values and adds the partner's
+// copy of that half, the half chosen by the lane-index bit. Ends with v[i] = the sum of v[2 g8 + i], g8 = lane / 4.
+__device__ __forceinline__ void column_group_sum(float (&v)[16]) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int n = 8; n >= 2; n /= 2) {  // lane bit 16 / 8 / 4 picks the upper half of v[0 .. 2 n)
+    const bool up = lane & (2 * n);
+#pragma unroll
+    for (int i = 0; i < n; ++i) {
+      const float other = __shfl_xor_sync(0xffffffff, up ? v[i] : v[i + n], 2 * n);
+      v[i] = (up ? v[i + n] : v[i]) + other;
+    }
+  }
+}
+
+// The gate gradient of a chunk from the last gradient sweep's row dots (warp 0, lane L: rows 2 L, 2 L + 1, val = the
+// rows' s k . (dkF - dkB)): dg_pre = rq + val - 2 s hv qk (cuda_host.cpp bwd_kernels), dg = its reverse cumsum over the
+// sequence: a suffix scan over the chunk's rows plus `carry`, the sum over the later chunks (the sweep runs backward).
+__device__ __forceinline__ void dg_rows(const FwdParams& p, const float (&val)[2], int64_t tok0, int h, int rows,
+                                        float& carry) {
+  const int lane = threadIdx.x % 32;
+  float pre[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = 2 * lane + i;
+    const int64_t t = (tok0 + r) * p.H + h;
+    pre[i] = r < rows ? p.rq[t] + val[i] - 2.f * p.scale * p.hv[t] * p.qk[t] : 0.f;
+  }
+  float x = pre[0] + pre[1];  // inclusive suffix sum over the lanes
+#pragma unroll
+  for (int off = 1; off < 32; off *= 2) {
+    const float y = __shfl_down_sync(0xffffffff, x, off);
+    if (lane + off < 32) x += y;
+  }
+  const float r0 = carry + x, r1 = r0 - pre[0];
+  if (2 * lane < rows) p.dg[(tok0 + 2 * lane) * p.H + h] = r0;
+  if (2 * lane + 1 < rows) p.dg[(tok0 + 2 * lane + 1) * p.H + h] = r1;
+  carry += __shfl_sync(0xffffffff, x, 0);
+}
 
 // One direction's sweep over the chunks of one (sequence, head, v-tile); see the file comment. BWD = false: the
 // forward sweep (chunks ascending, writes part / den); BWD = true: the backward sweep (chunks descending, reads
@@ -124,6 +171,9 @@ __global__ void __launch_bounds__(NW * 32) sweep_kernel(FwdParams p) {
     tile::fetch_tile<C, KP, T, NT>(b ? s.Q[1] : s.Q[0], q + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
     tile::fetch_tile<C, KP, T, NT>(b ? s.K[1] : s.K[0], k + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
     tile::fetch_tile<C, BV, T, NT>(b ? s.V[1] : s.V[0], v + (tok0 * H + h) * V + v0, H * V, rows, cols, vec_v);
+    if (BWD && p.rowx)  // the row-dot operand, same layout as V (zero past rows / cols)
+      tile::fetch_tile<C, BV, T, NT>(b ? s.X[1] : s.X[0], static_cast<const T*>(p.rowx) + (tok0 * H + h) * V + v0,
+                                     H * V, rows, cols, vec_v);
     float* gd = b ? s.g[1] : s.g[0];
     if (gsrc) {  // selective: token tok0 + r - shift, within the sequence
       for (int r = threadIdx.x; r < C; r += NT) {
@@ -140,9 +190,6 @@ __global__ void __launch_bounds__(NW * 32) sweep_kernel(FwdParams p) {
       float* dst = b ? s.pf[1] : s.pf[0];
       for (int i = threadIdx.x; i < C * BV / 4; i += NT) tile::cp_async16(dst + 4 * i, src + 4 * i, true);
       if (p.normalize) tile::fetch_column<C, NT>(b ? s.dF[1] : s.dF[0], p.den + (slot * H + h) * C, 1, C);
-      if (p.rowdot)
-        tile::fetch_tile<C, BV, T, NT>(b ? s.X[1] : s.X[0], static_cast<const T*>(p.rowx) + (tok0 * H + h) * V + v0,
-                                       H * V, rows, cols, vec_v);
     }
     if constexpr (GR) {
       if (p.ext) {  // rank-one factors, 0 past the sequence end (null: ones)
@@ -161,6 +208,7 @@ __global__ void __launch_bounds__(NW * 32) sweep_kernel(FwdParams p) {
   float S[NK][4];  // S^T: rows = value columns ua / ub, cols = k index 8 j + 2 t (+1)
   mma::zero_acc(S);
   float w[2] = {0.f, 0.f};  // GR, ext: w_u = sum over passed tokens of decay b_j v_j[u], u = ua / ub
+  float dgc = 0.f;          // GR, dg: the gate gradient summed over the chunks already passed (warp 0)
   for (int i = threadIdx.x; i < KP; i += NT) s.z[i] = 0.f;
   if (nc > 0) prefetch(BWD ? nc - 1 : 0);
   for (int64_t it = 0; it < nc; ++it) {
@@ -196,6 +244,15 @@ __global__ void __launch_bounds__(NW * 32) sweep_kernel(FwdParams p) {
           const float bu[2] = {eb[u], eb[u + 1]};
 #pragma unroll
           for (int e = 0; e < 4; ++e) A[j][e] += ar[e >> 1] * bu[e & 1];
+        }
+        if constexpr (GR && !BWD) {
+          if (p.diag) {  // the fp32 score of each token with itself (block-uniform branch)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int r = e < 2 ? r0 : r1;
+              if (u + (e & 1) == r && r < rows) p.diag[(tok0 + r) * H + h] = A[j][e];
+            }
+          }
         }
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
@@ -289,59 +346,64 @@ __global__ void __launch_bounds__(NW * 32) sweep_kernel(FwdParams p) {
         p.den[(slot * H + h) * C + r] = d;
       }
     } else {
-      T* o = p.o ? static_cast<T*>(p.o) + (tok0 * H + h) * V + v0 : nullptr;
-      const T* x = p.rowdot ? (b ? s.X[1] : s.X[0]) : nullptr;  // x[r][u] at r * ld_h(BV) + u
-      float rdp[NR][2];  // per-thread partial row dots (rows 8 j + 2 t (+1))
+      // y = s (PF + PB) inv (inv = 1 / (s D + eps) normalised, else 1); first every element (the partials' loads
+      // all issue before the first store), then the stores. Row dot of x (the X tile): GR: s x . (PF - PB);
+      // forward mode (the recompute launch): o := s x inv (= G) and rowdot := -s inv (x . y) (= g0).
+      const bool hx = p.rowx != nullptr;  // block-uniform
+      const T* Xs = b ? s.X[1] : s.X[0];
       const float* dF = b ? s.dF[1] : s.dF[0];
       const float* pfs = b ? s.pf[1] : s.pf[0];
+      auto row_inv = [&](int r) {
+        if (!p.normalize) return 1.f;
+        float d = s.deni[r] + s.dsum[0][r] + dF[r];
+        if constexpr (NSPLIT > 1) d += s.dsum[1][r];
+        return 1.f / (p.scale * d + p.eps);
+      };
+      float rdp[2 * NR];  // per-thread partial row dots: rdp[2 j + i] for row 8 j + 2 t + i
 #pragma unroll
       for (int j = 0; j < NR; ++j) {
         const float4 f = *reinterpret_cast<const float4*>(pfs + (j * NT + threadIdx.x) * 4);
         const float pf[4] = {f.x, f.y, f.z, f.w};
-        float inv[2] = {1.f, 1.f};
-        if (p.normalize) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int r = 8 * j + 2 * t4 + e;
-            float d = s.deni[r] + s.dsum[0][r] + dF[r];
-            if constexpr (NSPLIT > 1) d += s.dsum[1][r];
-            inv[e] = 1.f / (p.scale * d + p.eps);
-          }
-        }
-        rdp[j][0] = rdp[j][1] = 0.f;
+        const float inv[2] = {row_inv(8 * j + 2 * t4), row_inv(8 * j + 2 * t4 + 1)};
+        rdp[2 * j] = rdp[2 * j + 1] = 0.f;
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = 8 * j + 2 * t4 + (e & 1), u = e < 2 ? ua : ub;
           const float y = p.scale * (O[j][e] + pf[e]) * inv[e & 1];
-          if (r < rows && u < cols) {
-            if (o) o[static_cast<int64_t>(r) * H * V + u] = tile::from_f<T>(y);
-            if (x) rdp[j][e & 1] += tile::to_f(x[r * ld_h(BV) + u]) * (GR ? pf[e] - O[j][e] : y);
-          }
+          const float xv = hx ? tile::to_f(Xs[r * ld_h(BV) + u]) : 0.f;
+          rdp[2 * j + (e & 1)] += xv * (GR ? pf[e] - O[j][e] : y);
+          O[j][e] = (!GR && hx) ? p.scale * xv * inv[e & 1] : y;
         }
       }
-      if (p.normalize && p.inv && vt == 0 && threadIdx.x < rows) {
-        const int r = threadIdx.x;
-        float d = s.deni[r] + s.dsum[0][r] + dF[r];
-        if constexpr (NSPLIT > 1) d += s.dsum[1][r];
-        p.inv[(tok0 + r) * H + h] = 1.f / (p.scale * d + p.eps);
-      }
-      if (x) {  // rowdot: sum over the 8 column groups of the warp (lanes g8), then over the warps
+      if (p.o) {
+        T* o = static_cast<T*>(p.o) + (tok0 * H + h) * V + v0;
 #pragma unroll
         for (int j = 0; j < NR; ++j)
 #pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            float v_ = rdp[j][i];
-            v_ += __shfl_xor_sync(0xffffffff, v_, 4);
-            v_ += __shfl_xor_sync(0xffffffff, v_, 8);
-            v_ += __shfl_xor_sync(0xffffffff, v_, 16);
-            if (g8 == 0) s.rd[warp * C + 8 * j + 2 * t4 + i] = v_;
+          for (int e = 0; e < 4; ++e) {
+            const int r = 8 * j + 2 * t4 + (e & 1), u = e < 2 ? ua : ub;
+            if (r < rows && u < cols) o[static_cast<int64_t>(r) * H * V + u] = tile::from_f<T>(O[j][e]);
           }
+      }
+      if (hx) {  // row dots: sum over the 8 column groups of the warp (lanes g8), then over the warps
+        column_group_sum(rdp);
+        s.rd[warp * C + 8 * g8 + 2 * t4] = rdp[0];
+        s.rd[warp * C + 8 * g8 + 2 * t4 + 1] = rdp[1];
         __syncthreads();  // rd complete (block-uniform branch); rd is next written after the next chunk's B2
-        if (threadIdx.x < rows) {
-          float acc = 0.f;
+        if (warp == 0) {  // lane L: rows 2 L, 2 L + 1
+          float val[2];
 #pragma unroll
-          for (int i = 0; i < NW; ++i) acc += s.rd[i * C + threadIdx.x];
-          p.rowdot[(tok0 + threadIdx.x) * H + h] = acc;
+          for (int i = 0; i < 2; ++i) {
+            const int r = 2 * lane + i;
+            float acc = 0.f;
+#pragma unroll
+            for (int w_ = 0; w_ < NW; ++w_) acc += s.rd[w_ * C + r];
+            val[i] = GR ? p.scale * acc : -p.scale * row_inv(r) * acc;
+            if (p.rowdot && r < rows) p.rowdot[(tok0 + r) * H + h] = val[i];
+          }
+          if constexpr (GR) {
+            if (p.dg) dg_rows(p, val, tok0, h, rows, dgc);
+          }
         }
       }
     }

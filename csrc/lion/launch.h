@@ -26,12 +26,17 @@ struct FwdParams {
   bool vec_k, vec_v;      // 16-byte loads allowed along K / V
   int block_columns;      // sweep_block_columns(V, ...): 64 (4 warps) or 128 (8 warps); sizes part
   // Backward use only (lion_bwd, kernels.cuh "Backward"); null / false in the forward.
-  float* inv;             // [tokens, H]: 1 / (s D + eps), written by the backward sweep's v-tile 0 (normalize only)
-  const void* rowx;       // [tokens, H, V] x of the per-row dot below (element type of the kernel)
-  float* rowdot;          // [tokens, H]: sum_u x[r][u] y[r][u], y = o in fp32 (forward mode) or PF - PB (gradient
-                          // mode); the host guarantees one v-tile (V <= block_columns)
+  const void* rowx;       // [tokens, H, V] x of the per-row dot below (element type of the kernel); the host
+                          // guarantees one v-tile (V <= block_columns). Forward mode (the recompute launch of the
+                          // normalised backward): o := scale x inv (= G), rowdot := -scale inv (x . o) (= g0),
+                          // inv = 1 / (scale D + eps). Gradient mode: rowdot := scale x . (PF - PB)
+  float* rowdot;          // [tokens, H] (may be null)
   const float *ext_a, *ext_b;  // gradient mode, ext: rank-one score term a_r b_u added to q_r . k_u (null: ones)
   bool ext;
+  float* diag;            // gradient mode: [tokens, H] fp32 score q_t . k_t (+ a_t b_t), written by the forward sweep
+  // gradient mode with rowx: dg := the per-sequence reverse cumsum of rq + rowdot - 2 scale hv qk (all [tokens, H])
+  const float *rq, *hv, *qk;
+  float* dg;
 };
 
 // Value columns a block of the sweep kernels owns (16 a warp): 64 for V <= 64, else 128; `forced` (64 or 128, from
@@ -45,8 +50,9 @@ inline int sweep_block_columns(int64_t V, int forced = 0) {
 // writes o). q, k, v bf16 or fp16, K <= 128, any V (1..256), N <= 65535 sequences.
 cudaError_t launch_forward(const FwdParams& p, Elem e, int64_t N, cudaStream_t s);
 
-// The same two sweeps in gradient mode (kernels.cuh, "Backward"): o = PF + PB without normalisation (normalize must
-// be false), the optional rank-one score term (ext) and rowdot = x . (PF - PB). Used three times by lion_bwd.
+// The same two sweeps in gradient mode (kernels.cuh, "Backward"): o = scale (PF + PB) without normalisation
+// (normalize must be false), the optional rank-one score term (ext), rowdot = scale x . (PF - PB), the diagonal
+// scores and the fused gate gradient dg. Used three times by lion_bwd.
 cudaError_t launch_grad_sweeps(const FwdParams& p, Elem e, int64_t N, cudaStream_t s);
 
 }  // namespace linflow::lion

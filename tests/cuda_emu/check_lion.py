@@ -1,9 +1,9 @@
 """CPU check of the LION sweep kernels (csrc/lion/kernels.cuh) without a GPU: the real kernel source runs on the CUDA
 emulation of tests/cuda_emu/shim (see check_chunk_bwd.py), driven by lion_main.cpp (one launch pair a call).
   forward:  sweep_kernel in forward mode -> o, against the float64 T x T form (tests/reference.py lion_ref);
-  backward: the host pipeline of cuda_host.cpp's bwd_kernels transcribed in numpy (recompute launch -> 1/den and
-            dO . o; three gradient-mode launch pairs -> dv, dq (+ q . (PF - PB)), dk (+ k . (PF - PB)); dg as the
-            per-sequence reverse cumsum; dlam) against torch float64 autograd of lion_ref.
+  backward: the host pipeline of cuda_host.cpp's bwd_kernels transcribed in numpy (recompute launch -> G and g0;
+            three gradient-mode launch pairs -> dv (+ q . k), dq (+ G . v + g0, q . (PF - PB)), dk and dg (the
+            per-sequence reverse cumsum, in the kernel); dlam) against torch float64 autograd of lion_ref.
     python tests/cuda_emu/check_lion.py [--quick] [case ...]        (needs g++, numpy, torch)
 --quick: the QUICK cases on a build with only the K, V <= 64 instantiation (the pytest; ~1 min on 2 free cores);
 the full list takes several minutes. EMU_SKEW=1 EMU_SKEW_US=300 checks the barriers (slow: one small case).
@@ -34,8 +34,9 @@ class Emu:
         self.dir = os.path.join(WORK, name)
         self.n = 0
 
-    def launch(self, q, k, v, gr, normalize=False, scale=1.0, eps=1e-6, rowx=None, want_inv=False, ea=None,
-               eb=None, ext=False):
+    def launch(self, q, k, v, gr, normalize=False, scale=1.0, eps=1e-6, rowx=None, want_diag=False, ea=None,
+               eb=None, ext=False, dg_in=None):
+        """-> (o, rowdot, diag, dg); dg_in = (rq, hv, qk): the last sweep forms dg (rowx given)"""
         d = os.path.join(self.dir, str(self.n)); self.n += 1
         os.makedirs(d, exist_ok=True)
         K, V = q.shape[-1], v.shape[-1]
@@ -50,25 +51,19 @@ class Emu:
         if ea is not None: ea.astype(np.float32).tofile(f"{d}/ea.bin")
         if eb is not None: eb.astype(np.float32).tofile(f"{d}/eb.bin")
         if rowx is not None: np.ascontiguousarray(rowx, np.uint16).tofile(f"{d}/rowx.bin")
+        if dg_in is not None:
+            for nm, x in zip(("rq", "hv", "qk"), dg_in): x.astype(np.float32).tofile(f"{d}/{nm}.bin")
         dec = {"none": 0, "fixed": 1, "selective": 2}[self.decay]
         open(f"{d}/params.txt", "w").write(
             f"{self.N} {self.total} {self.H} {K} {V} {int(normalize)} {scale!r} {eps!r} {int(self.cu is not None)} "
             f"{self.T_dense} {dec} {int(ext)} {int(ea is not None)} {int(eb is not None)} {int(rowx is not None)} "
-            f"{int(want_inv)} {block_columns(V)} 0\n")
+            f"{int(want_diag)} {int(dg_in is not None)} {block_columns(V)} 0\n")
         r = subprocess.run([BIN, d, "f16" if self.f16 else "bf16", str(int(gr))], capture_output=True, text=True)
         if r.returncode:
             print(r.stdout, r.stderr); raise SystemExit("emu failed")
-        nt = self.total * self.H
-        o = self.dec(np.fromfile(f"{d}/o.out", np.uint16)).reshape(self.total, self.H, V)
-        return o, np.fromfile(f"{d}/rowdot.out", np.float32).reshape(self.total, self.H), \
-            np.fromfile(f"{d}/inv.out", np.float32).reshape(self.total, self.H)
-
-
-def seg_rev_cumsum(x, seqs):
-    out = np.empty_like(x)
-    for bos, ln in seqs:
-        out[bos:bos + ln] = np.cumsum(x[bos:bos + ln][::-1], axis=0)[::-1]
-    return out
+        o = np.fromfile(f"{d}/o.out", np.uint16).reshape(self.total, self.H, V)
+        return (o,) + tuple(np.fromfile(f"{d}/{nm}.out", np.float32).reshape(self.total, self.H)
+                            for nm in ("rowdot", "diag", "dg"))
 
 
 def err(name, what, o, rf, tol, floor=0.0):
@@ -87,7 +82,6 @@ def run(name, B, T, H, K, V, decay, normalize, cu=None, f16=False, seed=0, bwd=T
     varlen = cu is not None
     total = cu[-1] if varlen else B * T
     N = len(cu) - 1 if varlen else B
-    seqs = [(cu[n], cu[n + 1] - cu[n]) for n in range(N)] if varlen else [(n * T, T) for n in range(N)]
     # inputs [tokens, H, *]; normalised: non-negative features (the layer's feature maps), scale 1
     mk = lambda shape, s: rng.standard_normal(shape).astype(np.float32) * s  # noqa: E731
     q0, k0 = mk((total, H, K), 0.5), mk((total, H, K), 0.5)
@@ -108,7 +102,7 @@ def run(name, B, T, H, K, V, decay, normalize, cu=None, f16=False, seed=0, bwd=T
     ro = lion_ref(tq, tk, tv, tg, decay=decay, lam=tl, normalize=normalize, eps=eps, scale=scale,
                   cu_seqlens=torch.tensor(cu) if varlen else None)
     ok = True
-    o_emu, _, _ = emu.launch(qu, ku, vu, gr=False, normalize=normalize, scale=scale, eps=eps)
+    o_emu = dec(emu.launch(qu, ku, vu, gr=False, normalize=normalize, scale=scale, eps=eps)[0])
     ok &= err(name, "o", o_emu, ro.detach().numpy().reshape(total, H, V), 1e-2)
     if not bwd:
         return ok
@@ -121,27 +115,25 @@ def run(name, B, T, H, K, V, decay, normalize, cu=None, f16=False, seed=0, bwd=T
 
     # --- the kernel pipeline (mirrors cuda_host.cpp bwd_kernels) ---
     gated = decay != "none"
-    if normalize:
-        _, delta, inv = emu.launch(qu, ku, vu, gr=False, normalize=True, scale=scale, eps=eps, rowx=dou, want_inv=True)
-        Gu = enc(scale * dO * inv[..., None]); g0 = (-scale * delta * inv).astype(np.float32)
-    else:
-        Gu = enc(scale * dO); g0 = None
-    G = dec(Gu)
-    dv, _, _ = emu.launch(ku, qu, Gu, gr=True)
-    dq, rq, _ = emu.launch(Gu, vu, ku, gr=True, rowx=qu if gated else None, ea=g0, ext=normalize)
-    dk, rk, _ = emu.launch(vu, Gu, qu, gr=True, rowx=ku if gated else None, eb=g0, ext=normalize)
-    ok &= err(name, "dq", dq, ref["dq"], 2e-2)
-    ok &= err(name, "dk", dk, ref["dk"], 2e-2)
-    ok &= err(name, "dv", dv, ref["dv"], 2e-2)
+    if normalize:  # the recompute launch writes G (16-bit, as o) and g0 (as rowdot)
+        Gu, g0, _, _ = emu.launch(qu, ku, vu, gr=False, normalize=True, scale=scale, eps=eps, rowx=dou)
+        gs = 1.0
+    else:  # G = scale dO: dO with the sweeps' output scale
+        Gu, g0, gs = dou, None, scale
+    x = lambda a: a if gated else None  # noqa: E731
+    dv, _, qk, _ = emu.launch(ku, qu, Gu, gr=True, scale=gs, want_diag=gated)
+    dq, rq, hv, _ = emu.launch(Gu, vu, ku, gr=True, scale=gs, rowx=x(qu), want_diag=gated, ea=g0, ext=normalize)
+    dk, rk, _, dg = emu.launch(vu, Gu, qu, gr=True, scale=gs, rowx=x(ku), eb=g0, ext=normalize,
+                              dg_in=(rq, hv, qk) if gated else None)
+    ok &= err(name, "dq", dec(dq), ref["dq"], 2e-2)
+    ok &= err(name, "dk", dec(dk), ref["dk"], 2e-2)
+    ok &= err(name, "dv", dec(dv), ref["dv"], 2e-2)
     if gated:
-        gv = (G * v).sum(-1) + (g0 if normalize else 0.0)
-        pre = rq + rk - 2.0 * gv * (q * k).sum(-1)
-        dg = seg_rev_cumsum(pre.astype(np.float64), seqs)
         floor = 0.1 * (np.abs(rq).max() + np.abs(rk).max())  # T = 1: dg = 0 exactly, the terms cancel
         if decay == "selective":
             ok &= err(name, "dg", dg, ref["dg"], 2e-2, floor)
         else:
-            ok &= err(name, "dlam", dg.sum(0) / lam, ref["dlam"], 2e-2, floor)
+            ok &= err(name, "dlam", dg.astype(np.float64).sum(0) / lam, ref["dlam"], 2e-2, floor)
     return ok
 
 

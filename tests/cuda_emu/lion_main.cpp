@@ -13,7 +13,7 @@ using namespace linflow::lion;
 
 template <int KP, int NW, bool BWD, typename T, bool GR>
 void launch(const FwdParams& p, int nvt, int H, int N) {
-  const size_t sm = SweepSmem<KP, NW, T>::bytes();
+  const size_t sm = SweepSmem<KP, NW, T>::bytes(BWD, p.rowx != nullptr);
   constexpr int NT = NW * 32;
   launch_grid(smem, sizeof(smem), sm, {unsigned(nvt), unsigned(H), unsigned(N)}, NT,
               [&] { sweep_kernel<KP, NW, BWD, T, GR>(p); });
@@ -42,13 +42,14 @@ void run_pair(const FwdParams& p, int KP, int NW, int nvt, int H, int N) {
 template <typename T>
 int run(const std::string& d, bool gr) {
   std::ifstream pf(d + "/params.txt");
-  int64_t N, total, H, K, V, normalize, varlen, Tdense, decay, ext, has_a, has_b, has_rowx, want_inv, cols, shift;
+  int64_t N, total, H, K, V, normalize, varlen, Tdense, decay, ext, has_a, has_b, has_rowx, want_diag, has_dg, cols,
+      shift;
   float scale, eps;
   pf >> N >> total >> H >> K >> V >> normalize >> scale >> eps >> varlen >> Tdense >> decay >> ext >> has_a >> has_b >>
-      has_rowx >> want_inv >> cols >> shift;
+      has_rowx >> want_diag >> has_dg >> cols >> shift;
   const size_t nk = total * H * K, nv = total * H * V, nt = total * H;
   auto q = rd<T>(d + "/q.bin", nk), k = rd<T>(d + "/k.bin", nk), v = rd<T>(d + "/v.bin", nv);
-  std::vector<float> g, gb, lam, ea, eb;
+  std::vector<float> g, gb, lam, ea, eb, rq, hv, qk;
   std::vector<int64_t> cu;
   std::vector<T> rowx;
   if (decay == 2) { g = rd<float>(d + "/g.bin", nt); gb = rd<float>(d + "/gb.bin", nt); }
@@ -57,11 +58,12 @@ int run(const std::string& d, bool gr) {
   if (has_a) ea = rd<float>(d + "/ea.bin", nt);
   if (has_b) eb = rd<float>(d + "/eb.bin", nt);
   if (has_rowx) rowx = rd<T>(d + "/rowx.bin", nv);
+  if (has_dg) { rq = rd<float>(d + "/rq.bin", nt); hv = rd<float>(d + "/hv.bin", nt); qk = rd<float>(d + "/qk.bin", nt); }
   const int BV = int(cols), NW = BV / 16, KP = K <= 64 ? 64 : 128, nvt = int((V + BV - 1) / BV);
   const int64_t slots = linflow::chunk::num_slots(varlen, varlen ? total : Tdense, N);
   std::vector<float> part(slots * H * nvt * C * BV, NAN), den(slots * H * C, NAN);
   std::vector<T> o(nv, T{0x7e00});  // NaN in fp16 and bf16
-  std::vector<float> rowdot(nt, NAN), inv(nt, NAN);
+  std::vector<float> rowdot(nt, NAN), diag(nt, NAN), dg(nt, NAN);
   FwdParams p{};
   p.q = q.data(); p.k = k.data(); p.v = v.data();
   p.gf = decay == 2 ? g.data() : nullptr;
@@ -73,15 +75,16 @@ int run(const std::string& d, bool gr) {
   p.H = int(H); p.K = int(K); p.V = int(V);
   p.scale = scale; p.eps = eps; p.normalize = normalize != 0;
   p.vec_k = K % 8 == 0; p.vec_v = V % 8 == 0; p.block_columns = BV;
-  p.inv = want_inv ? inv.data() : nullptr;
   p.rowx = has_rowx ? rowx.data() : nullptr;
-  p.rowdot = has_rowx ? rowdot.data() : nullptr;
+  p.rowdot = has_rowx ? rowdot.data() : nullptr;  // with dg too (the check reads rk for its floor)
+  p.diag = want_diag ? diag.data() : nullptr;
+  if (has_dg) { p.rq = rq.data(); p.hv = hv.data(); p.qk = qk.data(); p.dg = dg.data(); }
   p.ext = ext != 0;
   p.ext_a = has_a ? ea.data() : nullptr;
   p.ext_b = has_b ? eb.data() : nullptr;
   if (gr) run_pair<T, true>(p, KP, NW, nvt, int(H), int(N));
   else run_pair<T, false>(p, KP, NW, nvt, int(H), int(N));
-  wr(d + "/o.out", o); wr(d + "/rowdot.out", rowdot); wr(d + "/inv.out", inv);
+  wr(d + "/o.out", o); wr(d + "/rowdot.out", rowdot); wr(d + "/diag.out", diag); wr(d + "/dg.out", dg);
   return 0;
 }
 
