@@ -396,4 +396,446 @@ __global__ void __launch_bounds__(256, 1) chunk_bwd_mma_kernel(BwdParams b) {
   }
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// chunk_bwd v2: the v1 math without its prologue, on a persistent grid. Tm comes from the backward's recompute
+// (wy_fwd stores it, 16-bit, when FwdParams::tm is set), so a work item (slot, head) starts with loads only; one
+// block a multiprocessor walks items blockIdx.x, + gridDim.x, ... and its cp.async stream never stops at an item
+// boundary: the v-tile ring (three stages) runs on into the next item, and the next item's header (Q, K, Tm, beta,
+// g: double-buffered) is issued at the first v-tile of the current one, so the epilogue, the stores and the start of
+// the next item overlap the next item's loads. Per item, against v1: no KKE / substitution prologue (~2900
+// instructions a thread, a serial chain), K K^T recomputed in registers in the epilogue (no fp32 KKE tile),
+// gamma scanned per warp from the raw gates (no extra barrier), (G + G^T) K as one product (G is strictly lower,
+// so the A fragments of G and G^T merge by a bitwise or), <h, dh> and the hd sum reduced per warp (no block_sum):
+// nvt + 2 barriers an item. dQK / G tiles and the column partials have their own space; the row partials live in
+// the stage of the item's last v-tile (free once every warp passed barrier B, refilled only after the next top
+// barrier).
+template <int KP, typename T>
+struct ChunkBwdV2Smem {
+  static constexpr int BV = kBwdMmaBV, NS = kBwdMmaStages;
+  static constexpr size_t r128(size_t b) { return (b + 127) / 128 * 128; }
+  static constexpr size_t kCT = r128(size_t(C) * ld_h(BV) * sizeof(T));   // a C x BV tile
+  static constexpr size_t kHT = r128(size_t(KP) * ld_h(BV) * sizeof(T));  // a KP x BV tile
+  static constexpr size_t kStage = 4 * kCT + 2 * kHT;                      // dO, Vn, dVn, V, h, dh
+  // item header: Q, K (C x KP), Tm (C x C), beta, raw g, and the item's place (tb = tok0 H + h, sb = slot H + h, rows)
+  static constexpr size_t kQ = r128(size_t(C) * ld_h(KP) * sizeof(T)), kTm = r128(size_t(C) * ld_h(C) * sizeof(T));
+  static constexpr size_t oK = kQ, oTm = 2 * kQ, oBeta = oTm + kTm, oG = oBeta + r128(C * sizeof(float)),
+                          oInfo = oG + r128(C * sizeof(float)), kHdr = oInfo + 128;
+  char *hdr, *stages;
+  T *dQKh, *Gh;
+  float* colp;  // [rg][col] dgamma column partial sums
+  __host__ __device__ static size_t carve(char* base, ChunkBwdV2Smem* s) {
+    SmemCarver sc{base};
+    ChunkBwdV2Smem t;
+    t.hdr = sc.take<char>(2 * kHdr);
+    t.dQKh = sc.take<T>(C * ld_h(C));
+    t.Gh = sc.take<T>(C * ld_h(C));
+    t.colp = sc.take<float>(4 * C);
+    t.stages = sc.take<char>(NS * kStage);
+    if (s) *s = t;
+    return sc.used;
+  }
+  __device__ __forceinline__ T* Q(int b) const { return reinterpret_cast<T*>(hdr + b * kHdr); }
+  __device__ __forceinline__ T* K(int b) const { return reinterpret_cast<T*>(hdr + b * kHdr + oK); }
+  __device__ __forceinline__ T* Tm(int b) const { return reinterpret_cast<T*>(hdr + b * kHdr + oTm); }
+  __device__ __forceinline__ float* beta(int b) const { return reinterpret_cast<float*>(hdr + b * kHdr + oBeta); }
+  __device__ __forceinline__ float* g(int b) const { return reinterpret_cast<float*>(hdr + b * kHdr + oG); }
+  __device__ __forceinline__ int64_t* info(int b) const { return reinterpret_cast<int64_t*>(hdr + b * kHdr + oInfo); }
+  // Tile `which` (0 dO, 1 Vn, 2 dVn, 3 V, 4 h, 5 dh) of stage st.
+  __device__ __forceinline__ T* tile(int st, int which) const {
+    return reinterpret_cast<T*>(stages + st * kStage + (which < 4 ? which * kCT : 4 * kCT + (which - 4) * kHT));
+  }
+  // Row partials in stage st (only while it holds no tile): dbeta [ch][row], dgamma [ch][row], per-warp sums.
+  __device__ __forceinline__ float* dbp(int st) const { return reinterpret_cast<float*>(stages + st * kStage); }
+  __device__ __forceinline__ float* dgp(int st) const { return dbp(st) + 2 * C; }
+  __device__ __forceinline__ float* red(int st) const { return dbp(st) + 4 * C; }  // [0, 8): <h, dh>, [8, 16): hd
+};
+
+// Where a work item's chunk lives: tb = tok0 H + h (row base of every [B,T,H,*] tensor), sb = slot H + h (of the
+// [slots,H,K,V] states); rows = 0 for an unused varlen slot (its loads zero-fill, its stores are skipped).
+struct BwdItem {
+  int64_t tb, sb;
+  int rows;
+};
+
+__device__ __forceinline__ BwdItem bwd_item(const FwdParams& p, int64_t slots, int item) {
+  const int64_t slot = item % slots, hh = item / slots;
+  int n;
+  int64_t c, bos, len;
+  BwdItem f;
+  f.sb = slot * p.H + hh;
+  if (p.seq.locate(slot, n, c, bos, len)) {
+    f.tb = (bos + c * C) * p.H + hh;
+    f.rows = static_cast<int>(len - c * C < C ? len - c * C : C);
+  } else {
+    f.tb = hh;
+    f.rows = 0;
+  }
+  return f;
+}
+
+template <int KP, typename T>
+__global__ void __launch_bounds__(256, 1) chunk_bwd_v2_kernel(BwdParams b) {
+  using Smem = ChunkBwdV2Smem<KP, T>;
+  constexpr int BV = Smem::BV, NS = Smem::NS, NT = 256, KH = KP / 2, NK = KH / 8, NV = BV / 8, NU = 32 / 8;
+  static_assert(NS == 3, "the prefetch distance is 1 or 2 v-tiles");
+  extern __shared__ __align__(128) char smem[];
+  const FwdParams& p = b.f;
+  Smem s;
+  Smem::carve(smem, &s);
+  const int nitems = static_cast<int>(b.slots * p.H), G = static_cast<int>(gridDim.x);
+  if (static_cast<int>(blockIdx.x) >= nitems) return;
+  const int nk = (nitems - static_cast<int>(blockIdx.x) + G - 1) / G;  // this block's items
+  const int64_t H = p.H, K = p.K, V = p.V;
+  const bool gated = p.g != nullptr;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g8 = lane / 4, t4 = lane % 4;
+  const int rg = warp % 4, ch = warp / 4, m0 = 16 * rg, r0 = m0 + g8, r1 = r0 + 8;
+  const int kn0 = KH * ch, un0 = 32 * ch;  // this warp's columns of the C x KP and the C x C products
+  const int nvt = (p.V + BV - 1) / BV, dist = nvt < NS - 1 ? nvt : NS - 1;  // prefetch distance (v-tiles)
+  const bool pairs_v = V % 2 == 0;
+
+  auto put_info = [&](int hb, const BwdItem& f) {
+    if (threadIdx.x == 0) {
+      int64_t* in = s.info(hb);
+      in[0] = f.tb;
+      in[1] = f.sb;
+      in[2] = f.rows;
+    }
+  };
+  auto get_info = [&](int hb) {
+    const int64_t* in = s.info(hb);
+    return BwdItem{in[0], in[1], static_cast<int>(in[2])};
+  };
+  auto issue_header = [&](int hb, const BwdItem& f) {
+    tile::fetch_tile<C, KP, T, NT>(s.Q(hb), static_cast<const T*>(p.q) + f.tb * K, H * K, f.rows, p.K, p.vec_k);
+    tile::fetch_tile<C, KP, T, NT>(s.K(hb), static_cast<const T*>(p.k) + f.tb * K, H * K, f.rows, p.K, p.vec_k);
+    tile::fetch_tile<C, C, T, NT>(s.Tm(hb), static_cast<const T*>(p.tm) + f.tb * C, H * C, f.rows, C, true);
+    tile::fetch_column<C, NT>(s.beta(hb), p.beta + f.tb, H, f.rows);
+    if (gated) tile::fetch_column<C, NT>(s.g(hb), p.g + f.tb, H, f.rows);
+  };
+  auto issue_vtile = [&](int st, int it, const BwdItem& f) {
+    const int v0 = it * BV, cols = min(BV, p.V - v0), krows = f.rows > 0 ? p.K : 0;
+    const bool vec = p.vec_v && cols % 8 == 0;
+    const int64_t tv = f.tb * V + v0, sv = f.sb * K * V + v0;
+    tile::fetch_tile<C, BV, T, NT>(s.tile(st, 0), static_cast<const T*>(b.dout) + tv, H * V, f.rows, cols, vec);
+    tile::fetch_tile<C, BV, T, NT>(s.tile(st, 1), static_cast<const T*>(p.vn) + tv, H * V, f.rows, cols, vec);
+    tile::fetch_tile<C, BV, T, NT>(s.tile(st, 2), static_cast<const T*>(b.dvn) + tv, H * V, f.rows, cols, vec);
+    tile::fetch_tile<C, BV, T, NT>(s.tile(st, 3), static_cast<const T*>(p.v) + tv, H * V, f.rows, cols, vec);
+    tile::fetch_tile<KP, BV, T, NT>(s.tile(st, 4), static_cast<const T*>(p.h) + sv, V, krows, cols, vec);
+    tile::fetch_tile<KP, BV, T, NT>(s.tile(st, 5), static_cast<const T*>(b.dh) + sv, V, krows, cols, vec);
+  };
+
+  {  // prologue: header of the first item with its v-tile 0 (one group), v-tile 1 (a second group) at distance 2
+    const BwdItem f0 = bwd_item(p, b.slots, blockIdx.x);
+    put_info(0, f0);
+    issue_header(0, f0);
+    issue_vtile(0, 0, f0);
+    tile::cp_async_commit();
+    if (dist == 2) {
+      issue_vtile(1, 1, f0);
+      tile::cp_async_commit();
+    }
+  }
+
+  int sv_idx = 0;  // this block's v-tile counter (stage sv_idx % NS)
+#pragma unroll 1
+  for (int k = 0; k < nk; ++k) {
+    const int hb = k & 1, item = static_cast<int>(blockIdx.x) + k * G;
+    const bool has_next = k + 1 < nk;
+    float dQg[NK][4], dKd[NK][4], dKb[NK][4], dZ[NU][4], dA[NU][4];
+    mma::zero_acc(dQg);
+    mma::zero_acc(dKd);
+    mma::zero_acc(dKb);
+    mma::zero_acc(dZ);
+    mma::zero_acc(dA);
+    float bv[2] = {0.f, 0.f}, hs_part = 0.f;  // rowsum(dVb o V) on this thread's columns; <h, dh> part
+#pragma unroll 1
+    for (int it = 0; it < nvt; ++it, ++sv_idx) {
+      if (dist == 2) {
+        tile::cp_async_wait<1>();
+      } else {
+        tile::cp_async_wait<0>();
+      }
+      __syncthreads();  // v-tile sv_idx (and at it 0 the item's header) landed; every warp is done with v-tile
+                        // sv_idx - 1 and with the previous item's epilogue (its stage and header are refilled next)
+      const BwdItem cur = get_info(hb);  // (re-read every v-tile: fewer registers live across the loop)
+      {  // at the item's first v-tile the next item's header; v-tile sv_idx + dist, of this item or of the next
+         // (whose header is then in this group or an earlier one)
+        const bool in_next = it + dist >= nvt;
+        BwdItem f = cur;
+        if (it == 0 && has_next) {
+          const BwdItem nxt = bwd_item(p, b.slots, item + G);
+          put_info(hb ^ 1, nxt);
+          issue_header(hb ^ 1, nxt);
+          if (in_next) f = nxt;
+        } else if (in_next && has_next) {
+          f = get_info(hb ^ 1);
+        }
+        if (!in_next || has_next) issue_vtile((sv_idx + dist) % NS, in_next ? it + dist - nvt : it + dist, f);
+        tile::cp_async_commit();
+      }
+      const int st = sv_idx % NS, v0 = it * BV, cols = min(BV, p.V - v0);
+      const T *dO = s.tile(st, 0), *Vn = s.tile(st, 1), *dVn = s.tile(st, 2), *Vt = s.tile(st, 3);
+      const T *Hs = s.tile(st, 4), *dHs = s.tile(st, 5), *Tmh = s.Tm(hb);
+      float dvb[NV][4];  // dVb = Tm^T dVn, rows m0.., all BV columns
+      mma::zero_acc(dvb);
+#pragma unroll
+      for (int kb = 0; kb < C / 16; ++kb) {
+        uint32_t a[1][4];
+        mma::a_from_cols(a[0], Tmh, ld_h(C), m0, 16 * kb);
+        mma::mma_acc<false>(dvb, a, dVn, ld_h(BV), 0, 16 * kb);
+      }
+      T* dv = static_cast<T*>(b.dv) + cur.tb * V + v0;
+      const float beta_r[2] = {s.beta(hb)[r0], s.beta(hb)[r1]};
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {  // dv = beta dVb, dbeta += dVb o V: column tiles j of this warp's half
+        if (j / (NV / 2) != ch) continue;
+        const int col = 8 * j + 2 * t4;
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int r = hf ? r1 : r0;
+          const float d0 = dvb[j][2 * hf], d1 = dvb[j][2 * hf + 1];
+          const float2 vv = smem_pair(Vt, ld_h(BV), r, col);
+          bv[hf] += d0 * vv.x + d1 * vv.y;
+          if (r >= cur.rows || col >= cols) continue;
+          T* dst = dv + static_cast<int64_t>(r) * H * V + col;
+          const float x0 = beta_r[hf] * d0, x1 = beta_r[hf] * d1;
+          if (pairs_v && col + 1 < cols) {
+            *reinterpret_cast<uint32_t*>(dst) = mma::pack2<T>(x0, x1);
+          } else {
+            dst[0] = tile::from_f<T>(x0);
+            if (col + 1 < cols) dst[1] = tile::from_f<T>(x1);
+          }
+        }
+      }
+      uint32_t na[BV / 16][4], oa[BV / 16][4], va[BV / 16][4];  // -dVb, dO, Vn as A fragments (rows m0..)
+#pragma unroll
+      for (int kb = 0; kb < BV / 16; ++kb) {
+        mma::acc_to_a<T>(na[kb], dvb, kb);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) na[kb][i] ^= 0x80008000u;  // negate both 16-bit halves
+        mma::a_from_rows(oa[kb], dO, ld_h(BV), m0, 16 * kb);
+        mma::a_from_rows(va[kb], Vn, ld_h(BV), m0, 16 * kb);
+      }
+      mma_acc2<true>(dZ, oa, dA, na, Vn, ld_h(BV), un0);    // dZ += dO Vn^T, dA += -dVb Vn^T
+      mma_acc2<true>(dQg, oa, dKb, na, Hs, ld_h(BV), kn0);  // dQg += dO h^T, dKb += -dVb h^T
+      mma::mma_acc<true>(dKd, va, dHs, ld_h(BV), kn0);       // dKd += Vn dh^T
+      for (int i = threadIdx.x; i < KP * BV / 2; i += NT) {  // <h, dh> (zero outside K x V)
+        const int r = i / (BV / 2), col = 2 * (i % (BV / 2));
+        const float2 x = smem_pair(Hs, ld_h(BV), r, col), y = smem_pair(dHs, ld_h(BV), r, col);
+        hs_part += x.x * y.x + x.y * y.y;
+      }
+    }
+    const int stl = (sv_idx - 1) % NS;  // the stage of this item's last v-tile: row partials after barrier B
+
+    // ---- epilogue (no barrier before it: it reads the header, and writes dQKh / Gh, which the previous item's
+    // epilogue finished reading before its barrier C).
+    const T *Qs = s.Q(hb), *Ks = s.K(hb);
+    const BwdItem cur = get_info(hb);
+    const float beta_r[2] = {s.beta(hb)[r0], s.beta(hb)[r1]};
+#pragma unroll
+    for (int j = 0; j < NU; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dZ[j][e] *= p.scale;  // dO' = s dO
+#pragma unroll
+    for (int j = 0; j < NK; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dQg[j][e] *= p.scale;
+    float gr[2] = {0.f, 0.f}, gu[NU][2], gC = 0.f;  // gamma at rows r0, r1, at columns un0 + 8 j + 2 t4 + e, at C-1
+#pragma unroll
+    for (int j = 0; j < NU; ++j) gu[j][0] = gu[j][1] = 0.f;
+    if (gated) {
+      chunk::WarpGamma gm;
+      gm.scan(s.g(hb));
+      gr[0] = gm.at(r0);
+      gr[1] = gm.at(r1);
+#pragma unroll
+      for (int j = 0; j < NU; ++j) {
+        gu[j][0] = gm.at(un0 + 8 * j + 2 * t4);
+        gu[j][1] = gm.at(un0 + 8 * j + 2 * t4 + 1);
+      }
+      gC = gm.last();
+    }
+    const float eg[2] = {__expf(gr[0]), __expf(gr[1])}, kd[2] = {__expf(gC - gr[0]), __expf(gC - gr[1])};
+    const float bg[2] = {beta_r[0] * eg[0], beta_r[1] * eg[1]};
+    float rowg[2] = {0.f, 0.f}, rowb[2] = {bv[0], bv[1]}, colv[NU][2];
+#pragma unroll
+    for (int j = 0; j < NU; ++j) colv[j][0] = colv[j][1] = 0.f;
+    {  // pass 1: P = Q K^T; dQK = tril(dZ) o E -> dQKh; gate sums hz = dZ o P o E (rows minus columns)
+      float P[NU][4];
+      mma::zero_acc(P);
+#pragma unroll
+      for (int kb = 0; kb < KP / 16; ++kb) {
+        uint32_t a[1][4];
+        mma::a_from_rows(a[0], Qs, ld_h(KP), m0, 16 * kb);
+        mma::mma_acc<true>(P, a, Ks, ld_h(KP), un0, 16 * kb);
+      }
+#pragma unroll
+      for (int j = 0; j < NU; ++j) {
+        float qk[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int hf = e >> 1, r = hf ? r1 : r0, u = un0 + 8 * j + 2 * t4 + (e & 1);
+          qk[e] = u <= r ? dZ[j][e] * __expf(gr[hf] - gu[j][e & 1]) : 0.f;
+          const float x = qk[e] * P[j][e];
+          rowg[hf] += x;
+          colv[j][e & 1] += x;
+        }
+        const int u0 = un0 + 8 * j + 2 * t4;
+        *reinterpret_cast<uint32_t*>(s.dQKh + r0 * ld_h(C) + u0) = mma::pack2<T>(qk[0], qk[1]);
+        *reinterpret_cast<uint32_t*>(s.dQKh + r1 * ld_h(C) + u0) = mma::pack2<T>(qk[2], qk[3]);
+      }
+    }
+    {  // pass 2: KKE = (K K^T) o E; G = tril_-1(dA) o beta_r E -> Gh; ha = dA o beta_r KKE, dbeta += dA o KKE
+      float KK[NU][4];
+      mma::zero_acc(KK);
+#pragma unroll
+      for (int kb = 0; kb < KP / 16; ++kb) {
+        uint32_t a[1][4];
+        mma::a_from_rows(a[0], Ks, ld_h(KP), m0, 16 * kb);
+        mma::mma_acc<true>(KK, a, Ks, ld_h(KP), un0, 16 * kb);
+      }
+#pragma unroll
+      for (int j = 0; j < NU; ++j) {
+        float gg[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int hf = e >> 1, r = hf ? r1 : r0, u = un0 + 8 * j + 2 * t4 + (e & 1);
+          // (only u < r enters: A is strictly lower; a masked G is +0 exactly, for the or below)
+          const float da = u < r ? dA[j][e] * __expf(gr[hf] - gu[j][e & 1]) : 0.f;
+          gg[e] = u < r ? da * beta_r[hf] : 0.f;
+          const float x = gg[e] * KK[j][e];
+          rowg[hf] += x;
+          colv[j][e & 1] += x;
+          rowb[hf] += da * KK[j][e];
+        }
+        const int u0 = un0 + 8 * j + 2 * t4;
+        *reinterpret_cast<uint32_t*>(s.Gh + r0 * ld_h(C) + u0) = mma::pack2<T>(gg[0], gg[1]);
+        *reinterpret_cast<uint32_t*>(s.Gh + r1 * ld_h(C) + u0) = mma::pack2<T>(gg[2], gg[3]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < NU; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {  // column sums over the warp's 16 rows: reduce over g (lanes 4, 8, 16 apart)
+        float x = colv[j][e];
+        x += __shfl_xor_sync(0xffffffff, x, 4);
+        x += __shfl_xor_sync(0xffffffff, x, 8);
+        x += __shfl_xor_sync(0xffffffff, x, 16);
+        if (g8 == 0) s.colp[rg * C + un0 + 8 * j + 2 * t4 + e] = x;
+      }
+    __syncthreads();  // B: dQKh, Gh, colp complete; every warp is done with the last v-tile (stage stl is free)
+
+    {  // dq = e^gamma o dQg + dQK K;  dgamma += e^gamma <dQg, Q>
+      float qp[2] = {0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < NK; ++j)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const float2 q = smem_pair(Qs, ld_h(KP), hf ? r1 : r0, kn0 + 8 * j + 2 * t4);
+          qp[hf] += dQg[j][2 * hf] * q.x + dQg[j][2 * hf + 1] * q.y;
+          dQg[j][2 * hf] *= eg[hf];
+          dQg[j][2 * hf + 1] *= eg[hf];
+        }
+      rowg[0] += eg[0] * qp[0];
+      rowg[1] += eg[1] * qp[1];
+#pragma unroll
+      for (int kb = 0; kb < C / 16; ++kb) {
+        uint32_t a[1][4];
+        mma::a_from_rows(a[0], s.dQKh, ld_h(C), m0, 16 * kb);
+        mma::mma_acc<false>(dQg, a, Ks, ld_h(KP), kn0, 16 * kb);
+      }
+      store_acc_rows<NK, T>(static_cast<T*>(b.dq) + cur.tb * K, H * K, dQg, r0, kn0, cur.rows, p.K, K % 2 == 0);
+    }
+    float hdw = 0.f;  // this thread's share of sum_r kd_r <dKd_r, K_r>
+    {  // dk = kd o dKd + beta e^gamma o dKb + dQK^T Q + (G + G^T) K;  hd = <dKd, K>, kb = <dKb, K> by rows
+      float hd[2] = {0.f, 0.f}, kb2[2] = {0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < NK; ++j)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const float2 kk = smem_pair(Ks, ld_h(KP), hf ? r1 : r0, kn0 + 8 * j + 2 * t4);
+          const int e0 = 2 * hf, e1 = 2 * hf + 1;
+          hd[hf] += dKd[j][e0] * kk.x + dKd[j][e1] * kk.y;
+          kb2[hf] += dKb[j][e0] * kk.x + dKb[j][e1] * kk.y;
+          dKd[j][e0] = kd[hf] * dKd[j][e0] + bg[hf] * dKb[j][e0];
+          dKd[j][e1] = kd[hf] * dKd[j][e1] + bg[hf] * dKb[j][e1];
+        }
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        rowg[hf] += bg[hf] * kb2[hf] - kd[hf] * hd[hf];
+        rowb[hf] += eg[hf] * kb2[hf];
+        hdw += kd[hf] * hd[hf];
+      }
+#pragma unroll
+      for (int kb = 0; kb < C / 16; ++kb) {
+        uint32_t a[1][4], at[4];
+        mma::a_from_cols(a[0], s.dQKh, ld_h(C), m0, 16 * kb);  // dQK^T Q
+        mma::mma_acc<false>(dKd, a, Qs, ld_h(KP), kn0, 16 * kb);
+        mma::a_from_rows(a[0], s.Gh, ld_h(C), m0, 16 * kb);    // (G + G^T) K: of G[r][u], G[u][r] one is a
+        mma::a_from_cols(at, s.Gh, ld_h(C), m0, 16 * kb);      // masked +0 (bits 0), so or-ing the 16-bit
+#pragma unroll                                                  // fragments adds them exactly
+        for (int i = 0; i < 4; ++i) a[0][i] |= at[i];
+        mma::mma_acc<false>(dKd, a, Ks, ld_h(KP), kn0, 16 * kb);
+      }
+      store_acc_rows<NK, T>(static_cast<T*>(b.dk) + cur.tb * K, H * K, dKd, r0, kn0, cur.rows, p.K, K % 2 == 0);
+    }
+    hdw += __shfl_xor_sync(0xffffffff, hdw, 1);  // per-warp sums of <h, dh> and of kd hd (fixed order)
+    hs_part += __shfl_xor_sync(0xffffffff, hs_part, 1);
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {  // row partial sums over this warp's columns: reduce over t (lanes 1, 2 apart)
+#pragma unroll
+      for (int o = 1; o <= 2; o *= 2) {
+        rowg[hf] += __shfl_xor_sync(0xffffffff, rowg[hf], o);
+        rowb[hf] += __shfl_xor_sync(0xffffffff, rowb[hf], o);
+      }
+      if (t4 == 0) {
+        const int r = hf ? r1 : r0;
+        s.dgp(stl)[ch * C + r] = rowg[hf];
+        s.dbp(stl)[ch * C + r] = rowb[hf];
+      }
+    }
+#pragma unroll
+    for (int o = 2; o < 32; o *= 2) {
+      hdw += __shfl_xor_sync(0xffffffff, hdw, o);
+      hs_part += __shfl_xor_sync(0xffffffff, hs_part, o);
+    }
+    if (lane == 0) {
+      s.red(stl)[warp] = hs_part;
+      s.red(stl)[8 + warp] = hdw;
+    }
+    __syncthreads();  // C: row partials complete
+    {
+      const float* dbp = s.dbp(stl);
+      if (static_cast<int>(threadIdx.x) < cur.rows) b.dbeta[cur.tb + threadIdx.x * H] = dbp[threadIdx.x] + dbp[C + threadIdx.x];
+    }
+    if (gated && warp == 0) {  // dgamma_C += sum kd hd + e^gC <h, dh>; dg = reverse cumsum of dgamma
+      const float *dgp = s.dgp(stl), *red = s.red(stl);
+      auto dgam = [&](int r) {
+        return dgp[r] + dgp[C + r] - (s.colp[r] + s.colp[C + r] + s.colp[2 * C + r] + s.colp[3 * C + r]);
+      };
+      const float a = dgam(2 * lane);
+      float bb = dgam(2 * lane + 1);
+      if (lane == 31) {
+        float hs = 0.f, hsum = 0.f;
+#pragma unroll
+        for (int w = 0; w < 8; ++w) {
+          hs += red[w];
+          hsum += red[8 + w];
+        }
+        bb += hsum + __expf(gC) * hs;
+      }
+      float x = a + bb;  // suffix sums: scan from the top
+#pragma unroll
+      for (int off = 1; off < 32; off *= 2) {
+        const float y = __shfl_down_sync(0xffffffff, x, off);
+        if (lane + off < 32) x += y;
+      }
+      if (2 * lane < cur.rows) b.dg[cur.tb + 2 * lane * H] = x;
+      if (2 * lane + 1 < cur.rows) b.dg[cur.tb + (2 * lane + 1) * H] = x - a;
+    }
+  }
+  tile::cp_async_wait<0>();  // only empty groups can be left
+}
+
 }  // namespace linflow::delta_rule
