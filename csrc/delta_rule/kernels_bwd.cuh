@@ -405,7 +405,7 @@ __global__ void __launch_bounds__(256, 1) chunk_bwd_mma_kernel(BwdParams b) {
 // g: double-buffered) is issued at the first v-tile of the current one, so the epilogue, the stores and the start of
 // the next item overlap the next item's loads. Per item, against v1: no KKE / substitution prologue (~2900
 // instructions a thread, a serial chain), K K^T recomputed in registers in the epilogue (no fp32 KKE tile),
-// gamma scanned per warp from the raw gates (no extra barrier), (G + G^T) K as one product (G is strictly lower,
+// gamma scanned in place by warp 0 at the item's first v-tile, (G + G^T) K as one product (G is strictly lower,
 // so the A fragments of G and G^T merge by a bitwise or), <h, dh> and the hd sum reduced per warp (no block_sum):
 // nvt + 2 barriers an item. dQK / G tiles and the column partials have their own space; the row partials live in
 // the stage of the item's last v-tile (free once every warp passed barrier B, refilled only after the next top
@@ -423,7 +423,7 @@ struct ChunkBwdV2Smem {
                           oInfo = oG + r128(C * sizeof(float)), kHdr = oInfo + 128;
   char *hdr, *stages;
   T *dQKh, *Gh;
-  float* colp;  // [rg][col] dgamma column partial sums
+  float *colp, *red;  // [rg][col] dgamma column partial sums; per-warp sums: [0, 8) <h, dh>, [8, 16) kd hd
   __host__ __device__ static size_t carve(char* base, ChunkBwdV2Smem* s) {
     SmemCarver sc{base};
     ChunkBwdV2Smem t;
@@ -431,6 +431,7 @@ struct ChunkBwdV2Smem {
     t.dQKh = sc.take<T>(C * ld_h(C));
     t.Gh = sc.take<T>(C * ld_h(C));
     t.colp = sc.take<float>(4 * C);
+    t.red = sc.take<float>(16);
     t.stages = sc.take<char>(NS * kStage);
     if (s) *s = t;
     return sc.used;
@@ -445,10 +446,9 @@ struct ChunkBwdV2Smem {
   __device__ __forceinline__ T* tile(int st, int which) const {
     return reinterpret_cast<T*>(stages + st * kStage + (which < 4 ? which * kCT : 4 * kCT + (which - 4) * kHT));
   }
-  // Row partials in stage st (only while it holds no tile): dbeta [ch][row], dgamma [ch][row], per-warp sums.
+  // Row partials in stage st (only while it holds no tile): dbeta [ch][row], dgamma [ch][row].
   __device__ __forceinline__ float* dbp(int st) const { return reinterpret_cast<float*>(stages + st * kStage); }
   __device__ __forceinline__ float* dgp(int st) const { return dbp(st) + 2 * C; }
-  __device__ __forceinline__ float* red(int st) const { return dbp(st) + 4 * C; }  // [0, 8): <h, dh>, [8, 16): hd
 };
 
 // Where a work item's chunk lives: tb = tok0 H + h (row base of every [B,T,H,*] tensor), sb = slot H + h (of the
@@ -559,6 +559,7 @@ __global__ void __launch_bounds__(256, 1) chunk_bwd_v2_kernel(BwdParams b) {
       __syncthreads();  // v-tile sv_idx (and at it 0 the item's header) landed; every warp is done with v-tile
                         // sv_idx - 1 and with the previous item's epilogue (its stage and header are refilled next)
       const BwdItem cur = get_info(hb);  // (re-read every v-tile: fewer registers live across the loop)
+      if (it == 0) chunk::cumsum_rows(s.g(hb), gated ? s.g(hb) : nullptr, 1, C);  // warp 0: gamma, in place
       {  // at the item's first v-tile the next item's header; v-tile sv_idx + dist, of this item or of the next
          // (whose header is then in this group or an earlier one)
         const bool in_next = it + dist >= nvt;
@@ -627,41 +628,51 @@ __global__ void __launch_bounds__(256, 1) chunk_bwd_v2_kernel(BwdParams b) {
       }
     }
     const int stl = (sv_idx - 1) % NS;  // the stage of this item's last v-tile: row partials after barrier B
+#pragma unroll
+    for (int o = 1; o < 32; o *= 2) hs_part += __shfl_xor_sync(0xffffffff, hs_part, o);
+    if (lane == 0) s.red[warp] = hs_part;  // per-warp sums of <h, dh> (read after barrier C)
+    if (nvt == 1) __syncthreads();  // gamma complete (else the barrier of v-tile 1 saw to it)
 
     // ---- epilogue (no barrier before it: it reads the header, and writes dQKh / Gh, which the previous item's
-    // epilogue finished reading before its barrier C).
+    // epilogue finished reading before its barrier C). Order chosen for registers: first fold dKb into dKd and
+    // scale dQg (their row sums taken on the way), then the two C x C passes, then the two products.
     const T *Qs = s.Q(hb), *Ks = s.K(hb);
-    const BwdItem cur = get_info(hb);
-    const float beta_r[2] = {s.beta(hb)[r0], s.beta(hb)[r1]};
+    const float* gam = s.g(hb);  // gamma (zeros if ungated)
+    float rowg[2] = {0.f, 0.f}, rowb[2] = {bv[0], bv[1]}, hdw = 0.f;  // hdw: this thread's share of sum kd hd
+    {  // dQg' = e^gamma o s dQg (dgamma += e^gamma <s dQg, Q>); dKd' = kd o dKd + beta e^gamma o dKb with
+       // hd = <dKd, K>, kb = <dKb, K> by rows (dgamma += beta e^gamma kb - kd hd, dbeta += e^gamma kb)
+      const float eg[2] = {__expf(gam[r0]), __expf(gam[r1])};
+      const float kd[2] = {__expf(gam[C - 1] - gam[r0]), __expf(gam[C - 1] - gam[r1])};
+      const float bg[2] = {s.beta(hb)[r0] * eg[0], s.beta(hb)[r1] * eg[1]};
+      float qp[2] = {0.f, 0.f}, hd[2] = {0.f, 0.f}, kb2[2] = {0.f, 0.f};
 #pragma unroll
-    for (int j = 0; j < NU; ++j)
+      for (int j = 0; j < NK; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dZ[j][e] *= p.scale;  // dO' = s dO
+        for (int hf = 0; hf < 2; ++hf) {
+          const int r = hf ? r1 : r0, col = kn0 + 8 * j + 2 * t4, e0 = 2 * hf, e1 = 2 * hf + 1;
+          const float2 q = smem_pair(Qs, ld_h(KP), r, col), kk = smem_pair(Ks, ld_h(KP), r, col);
+          dQg[j][e0] *= p.scale;  // dO' = s dO
+          dQg[j][e1] *= p.scale;
+          qp[hf] += dQg[j][e0] * q.x + dQg[j][e1] * q.y;
+          dQg[j][e0] *= eg[hf];
+          dQg[j][e1] *= eg[hf];
+          hd[hf] += dKd[j][e0] * kk.x + dKd[j][e1] * kk.y;
+          kb2[hf] += dKb[j][e0] * kk.x + dKb[j][e1] * kk.y;
+          dKd[j][e0] = kd[hf] * dKd[j][e0] + bg[hf] * dKb[j][e0];
+          dKd[j][e1] = kd[hf] * dKd[j][e1] + bg[hf] * dKb[j][e1];
+        }
 #pragma unroll
-    for (int j = 0; j < NK; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) dQg[j][e] *= p.scale;
-    float gr[2] = {0.f, 0.f}, gu[NU][2], gC = 0.f;  // gamma at rows r0, r1, at columns un0 + 8 j + 2 t4 + e, at C-1
-#pragma unroll
-    for (int j = 0; j < NU; ++j) gu[j][0] = gu[j][1] = 0.f;
-    if (gated) {
-      chunk::WarpGamma gm;
-      gm.scan(s.g(hb));
-      gr[0] = gm.at(r0);
-      gr[1] = gm.at(r1);
-#pragma unroll
-      for (int j = 0; j < NU; ++j) {
-        gu[j][0] = gm.at(un0 + 8 * j + 2 * t4);
-        gu[j][1] = gm.at(un0 + 8 * j + 2 * t4 + 1);
+      for (int hf = 0; hf < 2; ++hf) {
+        rowg[hf] += eg[hf] * qp[hf] + bg[hf] * kb2[hf] - kd[hf] * hd[hf];
+        rowb[hf] += eg[hf] * kb2[hf];
+        hdw += kd[hf] * hd[hf];
       }
-      gC = gm.last();
     }
-    const float eg[2] = {__expf(gr[0]), __expf(gr[1])}, kd[2] = {__expf(gC - gr[0]), __expf(gC - gr[1])};
-    const float bg[2] = {beta_r[0] * eg[0], beta_r[1] * eg[1]};
-    float rowg[2] = {0.f, 0.f}, rowb[2] = {bv[0], bv[1]}, colv[NU][2];
+    const float gr[2] = {gam[r0], gam[r1]};
+    float colv[NU][2];
 #pragma unroll
     for (int j = 0; j < NU; ++j) colv[j][0] = colv[j][1] = 0.f;
-    {  // pass 1: P = Q K^T; dQK = tril(dZ) o E -> dQKh; gate sums hz = dZ o P o E (rows minus columns)
+    {  // pass 1: P = Q K^T; dQK = tril(s dZ) o E -> dQKh; gate sums hz = s dZ o P o E (rows minus columns)
       float P[NU][4];
       mma::zero_acc(P);
 #pragma unroll
@@ -676,7 +687,7 @@ __global__ void __launch_bounds__(256, 1) chunk_bwd_v2_kernel(BwdParams b) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int hf = e >> 1, r = hf ? r1 : r0, u = un0 + 8 * j + 2 * t4 + (e & 1);
-          qk[e] = u <= r ? dZ[j][e] * __expf(gr[hf] - gu[j][e & 1]) : 0.f;
+          qk[e] = u <= r ? p.scale * dZ[j][e] * __expf(gr[hf] - gam[u]) : 0.f;
           const float x = qk[e] * P[j][e];
           rowg[hf] += x;
           colv[j][e & 1] += x;
@@ -687,6 +698,7 @@ __global__ void __launch_bounds__(256, 1) chunk_bwd_v2_kernel(BwdParams b) {
       }
     }
     {  // pass 2: KKE = (K K^T) o E; G = tril_-1(dA) o beta_r E -> Gh; ha = dA o beta_r KKE, dbeta += dA o KKE
+      const float beta_r[2] = {s.beta(hb)[r0], s.beta(hb)[r1]};
       float KK[NU][4];
       mma::zero_acc(KK);
 #pragma unroll
@@ -702,7 +714,7 @@ __global__ void __launch_bounds__(256, 1) chunk_bwd_v2_kernel(BwdParams b) {
         for (int e = 0; e < 4; ++e) {
           const int hf = e >> 1, r = hf ? r1 : r0, u = un0 + 8 * j + 2 * t4 + (e & 1);
           // (only u < r enters: A is strictly lower; a masked G is +0 exactly, for the or below)
-          const float da = u < r ? dA[j][e] * __expf(gr[hf] - gu[j][e & 1]) : 0.f;
+          const float da = u < r ? dA[j][e] * __expf(gr[hf] - gam[u]) : 0.f;
           gg[e] = u < r ? da * beta_r[hf] : 0.f;
           const float x = gg[e] * KK[j][e];
           rowg[hf] += x;
@@ -726,62 +738,26 @@ __global__ void __launch_bounds__(256, 1) chunk_bwd_v2_kernel(BwdParams b) {
       }
     __syncthreads();  // B: dQKh, Gh, colp complete; every warp is done with the last v-tile (stage stl is free)
 
-    {  // dq = e^gamma o dQg + dQK K;  dgamma += e^gamma <dQg, Q>
-      float qp[2] = {0.f, 0.f};
+    const BwdItem cur = get_info(hb);
 #pragma unroll
-      for (int j = 0; j < NK; ++j)
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const float2 q = smem_pair(Qs, ld_h(KP), hf ? r1 : r0, kn0 + 8 * j + 2 * t4);
-          qp[hf] += dQg[j][2 * hf] * q.x + dQg[j][2 * hf + 1] * q.y;
-          dQg[j][2 * hf] *= eg[hf];
-          dQg[j][2 * hf + 1] *= eg[hf];
-        }
-      rowg[0] += eg[0] * qp[0];
-      rowg[1] += eg[1] * qp[1];
-#pragma unroll
-      for (int kb = 0; kb < C / 16; ++kb) {
-        uint32_t a[1][4];
-        mma::a_from_rows(a[0], s.dQKh, ld_h(C), m0, 16 * kb);
-        mma::mma_acc<false>(dQg, a, Ks, ld_h(KP), kn0, 16 * kb);
-      }
-      store_acc_rows<NK, T>(static_cast<T*>(b.dq) + cur.tb * K, H * K, dQg, r0, kn0, cur.rows, p.K, K % 2 == 0);
+    for (int kb = 0; kb < C / 16; ++kb) {  // dq = dQg' + dQK K
+      uint32_t a[1][4];
+      mma::a_from_rows(a[0], s.dQKh, ld_h(C), m0, 16 * kb);
+      mma::mma_acc<false>(dQg, a, Ks, ld_h(KP), kn0, 16 * kb);
     }
-    float hdw = 0.f;  // this thread's share of sum_r kd_r <dKd_r, K_r>
-    {  // dk = kd o dKd + beta e^gamma o dKb + dQK^T Q + (G + G^T) K;  hd = <dKd, K>, kb = <dKb, K> by rows
-      float hd[2] = {0.f, 0.f}, kb2[2] = {0.f, 0.f};
+    store_acc_rows<NK, T>(static_cast<T*>(b.dq) + cur.tb * K, H * K, dQg, r0, kn0, cur.rows, p.K, K % 2 == 0);
 #pragma unroll
-      for (int j = 0; j < NK; ++j)
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const float2 kk = smem_pair(Ks, ld_h(KP), hf ? r1 : r0, kn0 + 8 * j + 2 * t4);
-          const int e0 = 2 * hf, e1 = 2 * hf + 1;
-          hd[hf] += dKd[j][e0] * kk.x + dKd[j][e1] * kk.y;
-          kb2[hf] += dKb[j][e0] * kk.x + dKb[j][e1] * kk.y;
-          dKd[j][e0] = kd[hf] * dKd[j][e0] + bg[hf] * dKb[j][e0];
-          dKd[j][e1] = kd[hf] * dKd[j][e1] + bg[hf] * dKb[j][e1];
-        }
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        rowg[hf] += bg[hf] * kb2[hf] - kd[hf] * hd[hf];
-        rowb[hf] += eg[hf] * kb2[hf];
-        hdw += kd[hf] * hd[hf];
-      }
-#pragma unroll
-      for (int kb = 0; kb < C / 16; ++kb) {
-        uint32_t a[1][4], at[4];
-        mma::a_from_cols(a[0], s.dQKh, ld_h(C), m0, 16 * kb);  // dQK^T Q
-        mma::mma_acc<false>(dKd, a, Qs, ld_h(KP), kn0, 16 * kb);
-        mma::a_from_rows(a[0], s.Gh, ld_h(C), m0, 16 * kb);    // (G + G^T) K: of G[r][u], G[u][r] one is a
-        mma::a_from_cols(at, s.Gh, ld_h(C), m0, 16 * kb);      // masked +0 (bits 0), so or-ing the 16-bit
-#pragma unroll                                                  // fragments adds them exactly
-        for (int i = 0; i < 4; ++i) a[0][i] |= at[i];
-        mma::mma_acc<false>(dKd, a, Ks, ld_h(KP), kn0, 16 * kb);
-      }
-      store_acc_rows<NK, T>(static_cast<T*>(b.dk) + cur.tb * K, H * K, dKd, r0, kn0, cur.rows, p.K, K % 2 == 0);
+    for (int kb = 0; kb < C / 16; ++kb) {  // dk = dKd' + dQK^T Q + (G + G^T) K
+      uint32_t a[1][4], at[4];
+      mma::a_from_cols(a[0], s.dQKh, ld_h(C), m0, 16 * kb);  // dQK^T Q
+      mma::mma_acc<false>(dKd, a, Qs, ld_h(KP), kn0, 16 * kb);
+      mma::a_from_rows(a[0], s.Gh, ld_h(C), m0, 16 * kb);    // (G + G^T) K: of G[r][u], G[u][r] one is a
+      mma::a_from_cols(at, s.Gh, ld_h(C), m0, 16 * kb);      // masked +0 (bits 0), so or-ing the 16-bit
+#pragma unroll                                                // fragments adds them exactly
+      for (int i = 0; i < 4; ++i) a[0][i] |= at[i];
+      mma::mma_acc<false>(dKd, a, Ks, ld_h(KP), kn0, 16 * kb);
     }
-    hdw += __shfl_xor_sync(0xffffffff, hdw, 1);  // per-warp sums of <h, dh> and of kd hd (fixed order)
-    hs_part += __shfl_xor_sync(0xffffffff, hs_part, 1);
+    store_acc_rows<NK, T>(static_cast<T*>(b.dk) + cur.tb * K, H * K, dKd, r0, kn0, cur.rows, p.K, K % 2 == 0);
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {  // row partial sums over this warp's columns: reduce over t (lanes 1, 2 apart)
 #pragma unroll
@@ -796,21 +772,16 @@ __global__ void __launch_bounds__(256, 1) chunk_bwd_v2_kernel(BwdParams b) {
       }
     }
 #pragma unroll
-    for (int o = 2; o < 32; o *= 2) {
-      hdw += __shfl_xor_sync(0xffffffff, hdw, o);
-      hs_part += __shfl_xor_sync(0xffffffff, hs_part, o);
-    }
-    if (lane == 0) {
-      s.red(stl)[warp] = hs_part;
-      s.red(stl)[8 + warp] = hdw;
-    }
+    for (int o = 1; o < 32; o *= 2) hdw += __shfl_xor_sync(0xffffffff, hdw, o);  // per-warp sum (fixed order)
+    if (lane == 0) s.red[8 + warp] = hdw;
     __syncthreads();  // C: row partials complete
     {
       const float* dbp = s.dbp(stl);
-      if (static_cast<int>(threadIdx.x) < cur.rows) b.dbeta[cur.tb + threadIdx.x * H] = dbp[threadIdx.x] + dbp[C + threadIdx.x];
+      if (static_cast<int>(threadIdx.x) < cur.rows)
+        b.dbeta[cur.tb + threadIdx.x * H] = dbp[threadIdx.x] + dbp[C + threadIdx.x];
     }
     if (gated && warp == 0) {  // dgamma_C += sum kd hd + e^gC <h, dh>; dg = reverse cumsum of dgamma
-      const float *dgp = s.dgp(stl), *red = s.red(stl);
+      const float* dgp = s.dgp(stl);
       auto dgam = [&](int r) {
         return dgp[r] + dgp[C + r] - (s.colp[r] + s.colp[C + r] + s.colp[2 * C + r] + s.colp[3 * C + r]);
       };
@@ -820,10 +791,10 @@ __global__ void __launch_bounds__(256, 1) chunk_bwd_v2_kernel(BwdParams b) {
         float hs = 0.f, hsum = 0.f;
 #pragma unroll
         for (int w = 0; w < 8; ++w) {
-          hs += red[w];
-          hsum += red[8 + w];
+          hs += s.red[w];
+          hsum += s.red[8 + w];
         }
-        bb += hsum + __expf(gC) * hs;
+        bb += hsum + __expf(gam[C - 1]) * hs;
       }
       float x = a + bb;  // suffix sums: scan from the top
 #pragma unroll
