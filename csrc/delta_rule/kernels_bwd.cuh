@@ -458,8 +458,10 @@ struct BwdItem {
   int rows;
 };
 
+// Items run head-fastest (item = slot H + h): the blocks in flight together read the heads of a few chunks, whole
+// [T, H, *] rows, rather than one head of many chunks.
 __device__ __forceinline__ BwdItem bwd_item(const FwdParams& p, int64_t slots, int item) {
-  const int64_t slot = item % slots, hh = item / slots;
+  const int64_t slot = item / p.H, hh = item % p.H;
   int n;
   int64_t c, bos, len;
   BwdItem f;
@@ -621,10 +623,14 @@ __global__ void __launch_bounds__(256, 1) chunk_bwd_v2_kernel(BwdParams b) {
       mma_acc2<true>(dZ, oa, dA, na, Vn, ld_h(BV), un0);    // dZ += dO Vn^T, dA += -dVb Vn^T
       mma_acc2<true>(dQg, oa, dKb, na, Hs, ld_h(BV), kn0);  // dQg += dO h^T, dKb += -dVb h^T
       mma::mma_acc<true>(dKd, va, dHs, ld_h(BV), kn0);       // dKd += Vn dh^T
-      for (int i = threadIdx.x; i < KP * BV / 2; i += NT) {  // <h, dh> (zero outside K x V)
-        const int r = i / (BV / 2), col = 2 * (i % (BV / 2));
-        const float2 x = smem_pair(Hs, ld_h(BV), r, col), y = smem_pair(dHs, ld_h(BV), r, col);
-        hs_part += x.x * y.x + x.y * y.y;
+#pragma unroll
+      for (int i = threadIdx.x; i < KP * BV / 8; i += NT) {  // <h, dh> (zero outside K x V), 8 elements a step
+        const int r = i / (BV / 8), col = 8 * (i % (BV / 8));
+        float x[8], y[8];
+        tile::unpack8<T>(*reinterpret_cast<const uint4*>(Hs + r * ld_h(BV) + col), x);
+        tile::unpack8<T>(*reinterpret_cast<const uint4*>(dHs + r * ld_h(BV) + col), y);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) hs_part += x[e] * y[e];
       }
     }
     const int stl = (sv_idx - 1) % NS;  // the stage of this item's last v-tile: row partials after barrier B
