@@ -143,6 +143,12 @@ __global__ void __launch_bounds__(256) wy_fwd_kernel(FwdParams p) {
       s.Tw[(4 * i + l) * ld_h(C) + j] = tile::from_f<T>(t[i] * bgj);
       s.Tu[(4 * i + l) * ld_h(C) + j] = tile::from_f<T>(t[i] * bj);
     }
+    if (p.tm) {  // the backward's recompute keeps Tm (16-bit, as chunk_bwd v1 rounds it) for chunk_bwd v2
+      T* tm = static_cast<T*>(p.tm) + (tok0 * H + h) * C + j;
+#pragma unroll
+      for (int i = 0; i < C / 4; ++i)
+        if (4 * i + l < rows) tm[(4 * i + l) * H * C] = tile::from_f<T>(t[i]);
+    }
   }
   __syncthreads();
   {  // W = Tw K: rows m0.., columns (KP / 2) (w / 4)..

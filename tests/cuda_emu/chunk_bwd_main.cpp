@@ -7,11 +7,25 @@
 namespace linflow::delta_rule { alignas(128) char smem[232448]; }
 using namespace linflow::delta_rule;
 
+// wy_fwd (the backward's recompute: stores Tm into b.f.tm), then chunk_bwd v1 (grid slots x H) or v2 (persistent
+// grid of `blocks` blocks, each walking items blockIdx.x, + blocks, ...).
 template <int KP, typename bf>
-void run_all(BwdParams& b, int64_t slots, int H) {
-  const size_t sm = ChunkBwdMmaSmem<KP, bf>::carve(nullptr, nullptr);
-  std::printf("KP %d smem %zu bytes\n", KP, sm);
-  launch_grid(smem, sizeof(smem), sm, {unsigned(slots), unsigned(H), 1}, 256, [&] { chunk_bwd_mma_kernel<KP, bf>(b); });
+void run_all(BwdParams& b, int64_t slots, int H, bool v2, int blocks) {
+  const size_t wm = WyFwdSmem<KP, bf>::carve(nullptr, nullptr);
+  launch_grid(smem, sizeof(smem), wm, {unsigned(slots), unsigned(H), 1}, 256, [&] { wy_fwd_kernel<KP, bf>(b.f); });
+  if (v2) {
+    const size_t sm = ChunkBwdV2Smem<KP, bf>::carve(nullptr, nullptr);
+    const int64_t items = slots * H;
+    const unsigned g = unsigned(blocks < items ? blocks : items);
+    std::printf("KP %d v2 smem %zu bytes, %u blocks for %lld items\n", KP, sm, g, (long long)items);
+    b.slots = slots;
+    launch_grid(smem, sizeof(smem), sm, {g, 1, 1}, 256, [&] { chunk_bwd_v2_kernel<KP, bf>(b); });
+  } else {
+    const size_t sm = ChunkBwdMmaSmem<KP, bf>::carve(nullptr, nullptr);
+    std::printf("KP %d v1 smem %zu bytes\n", KP, sm);
+    launch_grid(smem, sizeof(smem), sm, {unsigned(slots), unsigned(H), 1}, 256,
+                [&] { chunk_bwd_mma_kernel<KP, bf>(b); });
+  }
 }
 
 template <typename bf>
@@ -32,17 +46,21 @@ int run(int argc, char** argv) {
   std::vector<int64_t> cu;
   if (varlen) cu = rd<int64_t>(d + "/cu.bin", N + 1);
   std::vector<bf> dq(nk, bf{0x7e00}), dk(nk, bf{0x7e00}), dv(nv, bf{0x7e00});  // NaN in fp16 and bf16
+  std::vector<bf> w(nk, bf{0x7e00}), u(nv, bf{0x7e00}), tm(total * H * 64, bf{0x7e00});
   std::vector<float> dbeta(nt, NAN), dg(nt, NAN);
   BwdParams b{};
   FwdParams& p = b.f;
   p.q = q.data(); p.k = k.data(); p.v = v.data(); p.beta = beta.data(); p.g = gated ? g.data() : nullptr;
-  p.vn = vn.data(); p.h = h.data();
+  p.vn = vn.data(); p.h = h.data(); p.w = w.data(); p.u = u.data(); p.tm = tm.data();
   p.seq = {varlen ? cu.data() : nullptr, varlen ? total : T, int(N)};
   p.H = int(H); p.K = int(K); p.V = int(V); p.scale = scale;
   p.vec_k = K % 8 == 0; p.vec_v = V % 8 == 0;
   b.dout = dout.data(); b.dh = dh.data(); b.dvn = dvn.data();
   b.dq = dq.data(); b.dk = dk.data(); b.dv = dv.data(); b.dbeta = dbeta.data(); b.dg = gated ? dg.data() : nullptr;
-  if (K <= 64) run_all<64, bf>(b, slots, int(H)); else run_all<128, bf>(b, slots, int(H));
+  const bool v2 = std::string(argv[3]) == "v2";
+  const int blocks = std::atoi(argv[4]);
+  if (K <= 64) run_all<64, bf>(b, slots, int(H), v2, blocks); else run_all<128, bf>(b, slots, int(H), v2, blocks);
+  wr(d + "/tm.out", tm);
   wr(d + "/dq.out", dq); wr(d + "/dk.out", dk); wr(d + "/dv.out", dv); wr(d + "/dbeta.out", dbeta);
   wr(d + "/dg.out", dg);
   return 0;
