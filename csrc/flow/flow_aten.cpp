@@ -60,13 +60,16 @@ Shapes check_args(const char* op, const Tensor* q, const Tensor& k, const Tensor
 // [B, T, ...] placed on sub-step `j` of each token of the interleaved [B, T·R, ...] sequence, zeros elsewhere.
 Tensor on_substep(const Tensor& x, int64_t R, int64_t j) {
   if (R == 1) return x;
-  std::vector<int64_t> zsize = x.sizes().vec();
-  zsize.insert(zsize.begin() + 2, 1);
-  std::vector<Tensor> parts;
-  for (int64_t i = 0; i < R; ++i) parts.push_back(i == j ? x.unsqueeze(2) : at::zeros(zsize, x.options()));
-  std::vector<int64_t> out = x.sizes().vec();
-  out[1] *= R;
-  return at::cat(parts, 2).view(out);
+  std::vector<int64_t> split = x.sizes().vec();
+  split.insert(split.begin() + 2, R);
+  Tensor out = at::empty(split, x.options());  // each sub-step written once: x on j, zeros elsewhere
+  for (int64_t i = 0; i < R; ++i) {
+    if (i == j) out.select(2, i).copy_(x);
+    else out.select(2, i).zero_();
+  }
+  std::vector<int64_t> merged = x.sizes().vec();
+  merged[1] *= R;
+  return out.view(merged);
 }
 
 // Inverse of on_substep: sub-step `j` of an interleaved [B, T·R, ...] tensor.
