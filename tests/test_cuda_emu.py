@@ -1,6 +1,5 @@
 """CUDA kernel logic without a GPU: tests/cuda_emu runs the real source of the delta rule's chunk backward (wy_fwd's
-recompute, which stores Tm, then chunk_bwd_v2_kernel on a persistent grid of a few blocks, or chunk_bwd_mma_kernel,
-v1) on a CPU emulation of the CUDA features it uses (one OS thread per CUDA thread, warp collectives, mma.sync /
+recompute, which stores Tm, then chunk_bwd_kernel on a persistent grid of a few blocks) on a CPU emulation of the CUDA features it uses (one OS thread per CUDA thread, warp collectives, mma.sync /
 ldmatrix fragments, deferred cp.async, poisoned shared memory, skewed warps) and compares every output with a float64
 transcription of its per-chunk math, bf16 and fp16, partial chunks, odd K / V, varlen, several items a block. It
 catches fragment-layout, indexing, cp.async-group and missing-barrier mistakes here, before the GPU run (timing, bank

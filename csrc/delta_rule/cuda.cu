@@ -88,20 +88,17 @@ cudaError_t backward(BwdParams& b, int64_t slots, int64_t N, cudaStream_t stream
                       StateMmaSmem<KP, NW, T>::carve(nullptr, nullptr, 3, 2), b, stream, NW * 32);
       });
       if (err != cudaSuccess) return err;
-      // chunk_bwd (KP 64 / 128): one block of 8 warps a multiprocessor, ~200 KB (v1) / ~226 KB (v2) of shared
-      // memory at KP 128. v1: a block per (slot, head). v2 (default): a persistent grid of one block a
+      // chunk_bwd (KP 64 / 128): a persistent grid of one block (8 warps, ~226 KB of shared memory at KP 128) a
       // multiprocessor walking the slots x H items; it reads the Tm that wy_fwd stored (b.f.tm).
-      if (b.chunk_bwd_v1 || b.f.tm == nullptr)
-        return launch(chunk_bwd_mma_kernel<KP, T>, dim3(static_cast<unsigned>(slots), H),
-                      ChunkBwdMmaSmem<KP, T>::carve(nullptr, nullptr), b, stream);
+      if (b.f.tm == nullptr) return cudaErrorInvalidValue;
       int dev = 0, sms = 0;
       err = cudaGetDevice(&dev);
       if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
       if (err != cudaSuccess) return err;
       b.slots = slots;
       const int64_t items = slots * b.f.H;
-      return launch(chunk_bwd_v2_kernel<KP, T>, dim3(static_cast<unsigned>(items < sms ? items : sms)),
-                    ChunkBwdV2Smem<KP, T>::carve(nullptr, nullptr), b, stream);
+      return launch(chunk_bwd_kernel<KP, T>, dim3(static_cast<unsigned>(items < sms ? items : sms)),
+                    ChunkBwdSmem<KP, T>::carve(nullptr, nullptr), b, stream);
     }
   });
 }

@@ -39,16 +39,6 @@ int state_warps_override() {
   return w;
 }
 
-// LINFLOW_CHUNK_BWD=v1 runs the per-(chunk, head) chunk_bwd kernel that recomputes Tm itself (no Tm buffer);
-// unset or anything else: v2, the persistent kernel that reads the Tm the backward's wy_fwd recompute stores
-// ([B,T,H,64] 16-bit, 2 B T H 64 bytes more peak memory). An A/B switch for benchmarks. Read once.
-bool chunk_bwd_v1() {
-  static const bool v1 = [] {
-    const char* e = std::getenv("LINFLOW_CHUNK_BWD");
-    return e != nullptr && std::string(e) == "v1";
-  }();
-  return v1;
-}
 
 // Inputs converted for the kernels (contiguous q/k/v, fp32 beta/g/h0, int64 cu_seqlens) and the recomputation
 // buffers w, u, vn, h.
@@ -138,15 +128,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_cuda(
   Tensor dh0 = has_h0 ? new_output(initial_state->sizes(), f32) : Tensor();
   Tensor dh = new_output(r.h.sizes(), q.options()), dvn = new_output(v.sizes(), q.options());
   Tensor dvl = new_output(v.sizes(), q.options());
-  const bool v1 = chunk_bwd_v1();
-  Tensor tm = v1 ? Tensor() : new_output({s.B, s.T, s.H, static_cast<int64_t>(chunk::C)}, q.options());
+  // Tm, the chunks' (I + diag(beta) A)^-1: stored by the backward's wy_fwd recompute, read by chunk_bwd.
+  Tensor tm = new_output({s.B, s.T, s.H, static_cast<int64_t>(chunk::C)}, q.options());
   if (s.B * s.T == 0) {
     if (has_h0) dht_f.defined() ? dh0.copy_(dht_f) : dh0.zero_();
   } else {
     BwdParams b{};
     b.f = r.p;
-    b.f.tm = v1 ? nullptr : tm.data_ptr();
-    b.chunk_bwd_v1 = v1;
+    b.f.tm = tm.data_ptr();
     b.dout = dout.data_ptr();
     b.dht = dht_f.defined() ? dht_f.data_ptr<float>() : nullptr;
     b.dh = dh.data_ptr(); b.dvn = dvn.data_ptr(); b.dvl = dvl.data_ptr();

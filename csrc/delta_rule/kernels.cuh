@@ -143,7 +143,7 @@ __global__ void __launch_bounds__(256) wy_fwd_kernel(FwdParams p) {
       s.Tw[(4 * i + l) * ld_h(C) + j] = tile::from_f<T>(t[i] * bgj);
       s.Tu[(4 * i + l) * ld_h(C) + j] = tile::from_f<T>(t[i] * bj);
     }
-    if (p.tm) {  // the backward's recompute keeps Tm (16-bit, as chunk_bwd v1 rounds it) for chunk_bwd v2
+    if (p.tm) {  // the backward's recompute keeps Tm (16-bit) for chunk_bwd
       T* tm = static_cast<T*>(p.tm) + (tok0 * H + h) * C + j;
 #pragma unroll
       for (int i = 0; i < C / 4; ++i)

@@ -12,72 +12,7 @@
 namespace linflow::delta_rule {
 
 
-// Sum of one value per thread over the block (256 threads); every thread gets the result.
-__device__ __forceinline__ float block_sum(float x, float* red) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffff, x, o);
-  __syncthreads();
-  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = x;
-  __syncthreads();
-  float t = 0.f;
-#pragma unroll
-  for (int w = 0; w < tile::kThreads / 32; ++w) t += red[w];
-  return t;
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// chunk_bwd on mma.sync (replaced a WMMA kernel through shared memory in session 3: 3.48 -> 2.05 ms at B8 T4096 on
-// the H100). Block = (slot, head), 8 warps, warp w owns rows 16 (w % 4).. of the chunk (rg) and column half ch = w / 4 of every C x KP product (k = KP/2 ch..) and of
-// every C x C product (u = 32 ch..). All sums over V stay in fp32 register accumulators across the v-loop:
-//   prologue:  KKE = (K K^T) o E (register products -> shared fp32), Tm by the register substitution -> bf16 tile
-//   v-loop (32-column v-tiles dO, Vn, dVn, V, h, dh, three cp.async stages):
-//     dVb = Tm^T dVn (16 x 32, each warp its own rows, both column halves; computed twice per row block, it is
-//           cheap), dv = beta dVb and dbeta += rowsum(dVb o V) on the warp's 16 of the 32 columns;
-//     -dVb packed to A fragments straight from its accumulators (acc_to_a), then with dO and Vn (ldmatrix):
-//     dZ += dO Vn^T, dA += -dVb Vn^T (16 x 32),  dQg += dO h^T, dKb += -dVb h^T, dKd += Vn dh^T (16 x KP/2)
-//     (dO unscaled in the loop: s is applied to dZ and dQg in fp32 afterwards); hs += <h, dh>.
-//   epilogue, from registers: P = Q K^T tile; dQK = tril(dZ) o E, G = tril_-1(dA) o beta_r E -> bf16 tiles in
-//     shared memory (the only C x C exchange, one barrier); gate / beta row and column sums per warp;
-//     dq = e^gamma o dQg + dQK K, dk = kd o dKd + beta e^gamma o dKb + dQK^T Q + G K + G^T K accumulate onto the
-//     register accumulators and are stored from them; dbeta, dg from the per-warp partial sums (fixed order).
-// 8 warps x ~200 registers: one block per multiprocessor; the three v-tile stages keep ~80 KB of loads in flight.
 constexpr int kBwdMmaBV = 32, kBwdMmaStages = 3;
-
-template <int KP, typename T>
-struct ChunkBwdMmaSmem {
-  static constexpr int BV = kBwdMmaBV, NS = kBwdMmaStages;
-  static constexpr size_t r128(size_t b) { return (b + 127) / 128 * 128; }
-  static constexpr size_t kCT = r128(size_t(C) * ld_h(BV) * sizeof(T));   // a C x BV tile
-  static constexpr size_t kHT = r128(size_t(KP) * ld_h(BV) * sizeof(T));  // a KP x BV tile
-  static constexpr size_t kStage = 4 * kCT + 2 * kHT;                      // dO, Vn, dVn, V, h, dh
-  T *Qs, *Ks, *Tmh, *dQKh, *Gh;
-  float *KKE, *beta, *gam, *dbp, *dgp, *hdp, *colp, *red;
-  char* stages;
-  __host__ __device__ static size_t carve(char* base, ChunkBwdMmaSmem* s) {
-    SmemCarver sc{base};
-    ChunkBwdMmaSmem t;
-    t.Qs = sc.take<T>(C * ld_h(KP));
-    t.Ks = sc.take<T>(C * ld_h(KP));
-    t.Tmh = sc.take<T>(C * ld_h(C));
-    t.dQKh = sc.take<T>(C * ld_h(C));
-    t.Gh = sc.take<T>(C * ld_h(C));
-    t.KKE = sc.take<float>(C * ld_f(C));
-    t.beta = sc.take<float>(C);
-    t.gam = sc.take<float>(C);
-    t.dbp = sc.take<float>(2 * C);   // [ch][row] dbeta partial sums
-    t.dgp = sc.take<float>(2 * C);   // [ch][row] dgamma row partial sums
-    t.hdp = sc.take<float>(2 * C);   // [ch][row] kd <dKd, K> partial sums (into the last row's dgamma)
-    t.colp = sc.take<float>(4 * C);  // [rg][col] dgamma column partial sums (subtracted)
-    t.red = sc.take<float>(32);
-    t.stages = sc.take<char>(NS * kStage);
-    if (s) *s = t;
-    return sc.used;
-  }
-  // Tile `which` (0 dO, 1 Vn, 2 dVn, 3 V, 4 h, 5 dh) of stage st.
-  __device__ __forceinline__ T* tile(int st, int which) const {
-    return reinterpret_cast<T*>(stages + st * kStage + (which < 4 ? which * kCT : 4 * kCT + (which - 4) * kHT));
-  }
-};
 
 // acc0 += a0 . B and acc1 += a1 . B with B's fragments loaded once (layout as mma::mma_acc).
 template <bool B_ROWS, int NJ, int KB, typename T>
@@ -107,311 +42,30 @@ __device__ __forceinline__ float2 smem_pair(const T* X, int ld, int r, int col) 
   return mma::unpack2<T>(*reinterpret_cast<const uint32_t*>(X + r * ld + col));
 }
 
-template <int KP, typename T>
-__global__ void __launch_bounds__(256, 1) chunk_bwd_mma_kernel(BwdParams b) {
-  using Smem = ChunkBwdMmaSmem<KP, T>;
-  constexpr int BV = Smem::BV, NS = Smem::NS, NT = 256, KH = KP / 2, NK = KH / 8, NV = BV / 8, NU = 32 / 8;
-  static_assert(tile::kThreads == NT, "block_sum and wy_substitute assume 256 threads");
-  extern __shared__ __align__(128) char smem[];
-  const FwdParams& p = b.f;
-  Smem s;
-  Smem::carve(smem, &s);
-  const int h = blockIdx.y;
-  int n;
-  int64_t c, bos, len;
-  if (!p.seq.locate(blockIdx.x, n, c, bos, len)) return;
-  const int rows = static_cast<int>(len - c * C < C ? len - c * C : C);
-  const int64_t tok0 = bos + c * C, H = p.H, K = p.K, V = p.V, slot = blockIdx.x;
-  const bool gated = p.g != nullptr;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g8 = lane / 4, t4 = lane % 4;
-  const int rg = warp % 4, ch = warp / 4, m0 = 16 * rg, r0 = m0 + g8, r1 = r0 + 8;
-  const int kn0 = KH * ch, un0 = 32 * ch;  // this warp's columns of the C x KP and the C x C products
-  const int nvt = (p.V + BV - 1) / BV;
-  const int64_t tv = (tok0 * H + h) * V, sv = (slot * H + h) * K * V;
-
-  // v-tile it -> stage it % NS; always one commit group (possibly empty) per call, for the wait counts below.
-  auto prefetch = [&](int it) {
-    if (it < nvt) {
-      const int st = it % NS, v0 = it * BV, cols = min(BV, p.V - v0);
-      const bool vec = p.vec_v && cols % 8 == 0;
-      tile::fetch_tile<C, BV, T, NT>(s.tile(st, 0), static_cast<const T*>(b.dout) + tv + v0, H * V, rows, cols, vec);
-      tile::fetch_tile<C, BV, T, NT>(s.tile(st, 1), static_cast<const T*>(p.vn) + tv + v0, H * V, rows, cols, vec);
-      tile::fetch_tile<C, BV, T, NT>(s.tile(st, 2), static_cast<const T*>(b.dvn) + tv + v0, H * V, rows, cols, vec);
-      tile::fetch_tile<C, BV, T, NT>(s.tile(st, 3), static_cast<const T*>(p.v) + tv + v0, H * V, rows, cols, vec);
-      tile::fetch_tile<KP, BV, T, NT>(s.tile(st, 4), static_cast<const T*>(p.h) + sv + v0, V, p.K, cols, vec);
-      tile::fetch_tile<KP, BV, T, NT>(s.tile(st, 5), static_cast<const T*>(b.dh) + sv + v0, V, p.K, cols, vec);
-    }
-    tile::cp_async_commit();
-  };
-
-  tile::fetch_tile<C, KP, T, NT>(s.Qs, static_cast<const T*>(p.q) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
-  tile::fetch_tile<C, KP, T, NT>(s.Ks, static_cast<const T*>(p.k) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
-  tile::cp_async_commit();
-#pragma unroll
-  for (int i = 0; i < NS - 1; ++i) prefetch(i);
-  chunk::load_rows(s.beta, p.beta + tok0 * H + h, H, rows);
-  chunk::load_gamma(s.gam, gated ? p.g + tok0 * H + h : nullptr, H, rows);
-  tile::cp_async_wait<NS - 1>();  // Q, K landed (the v-tiles may still be in flight)
-  __syncthreads();
-  {  // KKE = (K K^T) o E on u <= r: rows m0.., columns un0..
-    float acc[NU][4];
-    mma::zero_acc(acc);
-    {
-      uint32_t a[KP / 16][4];
-#pragma unroll
-      for (int kb = 0; kb < KP / 16; ++kb) mma::a_from_rows(a[kb], s.Ks, ld_h(KP), m0, 16 * kb);
-      mma::mma_acc<true>(acc, a, s.Ks, ld_h(KP), un0);
-    }
-#pragma unroll
-    for (int j = 0; j < NU; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = r0 + 8 * (e >> 1), u = un0 + 8 * j + 2 * t4 + (e & 1);
-        s.KKE[r * ld_f(C) + u] = u <= r ? acc[j][e] * __expf(s.gam[r] - s.gam[u]) : 0.f;
-      }
-  }
-  __syncthreads();
-  {  // Tm = (I + A)^-1 -> 16-bit tile (row-major, Tmh[r][u] = Tm[r][u])
-    float t[C / 4];
-    chunk::wy_substitute(s.KKE, s.beta, t);
-    const int j = threadIdx.x / 4, l = threadIdx.x % 4;
-#pragma unroll
-    for (int i = 0; i < C / 4; ++i) s.Tmh[(4 * i + l) * ld_h(C) + j] = tile::from_f<T>(t[i]);
-  }
-  // (Tmh is read after the barrier at the top of the first v-iteration.)
-
-  const float beta_r[2] = {s.beta[r0], s.beta[r1]};
-  float dQg[NK][4], dKd[NK][4], dKb[NK][4], dZ[NU][4], dA[NU][4];
-  mma::zero_acc(dQg);
-  mma::zero_acc(dKd);
-  mma::zero_acc(dKb);
-  mma::zero_acc(dZ);
-  mma::zero_acc(dA);
-  float bv[2] = {0.f, 0.f}, hs_part = 0.f;  // rowsum(dVb o V) on this thread's columns; <h, dh> part
-  T* dv = static_cast<T*>(b.dv) + tv;
-  const bool pairs_v = V % 2 == 0;
-  for (int it = 0; it < nvt; ++it) {
-    tile::cp_async_wait<NS - 2>();
-    __syncthreads();  // v-tile it landed; every warp is done with v-tile it - 1 (its stage is refilled next)
-    prefetch(it + NS - 1);
-    const int st = it % NS, v0 = it * BV, cols = min(BV, p.V - v0);
-    const T *dO = s.tile(st, 0), *Vn = s.tile(st, 1), *dVn = s.tile(st, 2), *Vt = s.tile(st, 3);
-    const T *Hs = s.tile(st, 4), *dHs = s.tile(st, 5);
-    float dvb[NV][4];  // dVb = Tm^T dVn, rows m0.., all BV columns
-    mma::zero_acc(dvb);
-#pragma unroll
-    for (int kb = 0; kb < C / 16; ++kb) {
-      uint32_t a[1][4];
-      mma::a_from_cols(a[0], s.Tmh, ld_h(C), m0, 16 * kb);
-      mma::mma_acc<false>(dvb, a, dVn, ld_h(BV), 0, 16 * kb);
-    }
-#pragma unroll
-    for (int j = 0; j < NV; ++j) {  // dv = beta dVb, dbeta += dVb o V: column tiles j of this warp's half
-      if (j / (NV / 2) != ch) continue;
-      const int col = 8 * j + 2 * t4;
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int r = hf ? r1 : r0;
-        const float d0 = dvb[j][2 * hf], d1 = dvb[j][2 * hf + 1];
-        const float2 vv = smem_pair(Vt, ld_h(BV), r, col);
-        bv[hf] += d0 * vv.x + d1 * vv.y;
-        if (r >= rows || col >= cols) continue;
-        T* dst = dv + static_cast<int64_t>(r) * H * V + v0 + col;
-        const float x0 = beta_r[hf] * d0, x1 = beta_r[hf] * d1;
-        if (pairs_v && col + 1 < cols) {
-          *reinterpret_cast<uint32_t*>(dst) = mma::pack2<T>(x0, x1);
-        } else {
-          dst[0] = tile::from_f<T>(x0);
-          if (col + 1 < cols) dst[1] = tile::from_f<T>(x1);
-        }
-      }
-    }
-    uint32_t na[BV / 16][4], oa[BV / 16][4], va[BV / 16][4];  // -dVb, dO, Vn as A fragments (rows m0..)
-#pragma unroll
-    for (int kb = 0; kb < BV / 16; ++kb) {
-      mma::acc_to_a<T>(na[kb], dvb, kb);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) na[kb][i] ^= 0x80008000u;  // negate both 16-bit halves
-      mma::a_from_rows(oa[kb], dO, ld_h(BV), m0, 16 * kb);
-      mma::a_from_rows(va[kb], Vn, ld_h(BV), m0, 16 * kb);
-    }
-    mma_acc2<true>(dZ, oa, dA, na, Vn, ld_h(BV), un0);    // dZ += dO Vn^T, dA += -dVb Vn^T
-    mma_acc2<true>(dQg, oa, dKb, na, Hs, ld_h(BV), kn0);  // dQg += dO h^T, dKb += -dVb h^T
-    mma::mma_acc<true>(dKd, va, dHs, ld_h(BV), kn0);       // dKd += Vn dh^T
-    for (int i = threadIdx.x; i < KP * BV / 2; i += NT) {  // <h, dh> (zero outside K x V)
-      const int r = i / (BV / 2), col = 2 * (i % (BV / 2));
-      const float2 x = smem_pair(Hs, ld_h(BV), r, col), y = smem_pair(dHs, ld_h(BV), r, col);
-      hs_part += x.x * y.x + x.y * y.y;
-    }
-  }
-  tile::cp_async_wait<0>();  // only empty groups can be left
-  const float hs = block_sum(hs_part, s.red);  // (block barriers inside)
-
-  // ---- epilogue. Gate factors at this thread's rows r0, r1.
-#pragma unroll
-  for (int j = 0; j < NU; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dZ[j][e] *= p.scale;  // dO' = s dO
-#pragma unroll
-  for (int j = 0; j < NK; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dQg[j][e] *= p.scale;
-  const float gC = s.gam[C - 1], gr[2] = {s.gam[r0], s.gam[r1]};
-  const float eg[2] = {__expf(gr[0]), __expf(gr[1])}, kd[2] = {__expf(gC - gr[0]), __expf(gC - gr[1])};
-  const float bg[2] = {beta_r[0] * eg[0], beta_r[1] * eg[1]};
-  float rowg[2] = {0.f, 0.f}, rowb[2] = {bv[0], bv[1]}, rowh[2] = {0.f, 0.f};
-  {  // C x C terms on rows m0.., columns un0..: dQK = tril(dZ) o E, G = tril_-1(dA) o beta_r E, and the gate
-     // sums hz = dZ o (Q K^T o E), ha = dA o beta_r KKE (rows minus columns), dbeta += rowsum(dA o KKE)
-    float P[NU][4];
-    mma::zero_acc(P);
-#pragma unroll
-    for (int kb = 0; kb < KP / 16; ++kb) {
-      uint32_t a[1][4];
-      mma::a_from_rows(a[0], s.Qs, ld_h(KP), m0, 16 * kb);
-      mma::mma_acc<true>(P, a, s.Ks, ld_h(KP), un0, 16 * kb);
-    }
-    float colv[NU][2];
-#pragma unroll
-    for (int j = 0; j < NU; ++j) {
-      float qk[4], gg[4];
-      colv[j][0] = colv[j][1] = 0.f;
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int hf = e >> 1, r = hf ? r1 : r0, u = un0 + 8 * j + 2 * t4 + (e & 1);
-        const float ee = u <= r ? __expf(gr[hf] - s.gam[u]) : 0.f;
-        const float dz = dZ[j][e], da = u < r ? dA[j][e] : 0.f, kke = s.KKE[r * ld_f(C) + u];
-        qk[e] = dz * ee;
-        gg[e] = da * beta_r[hf] * ee;
-        const float x = dz * P[j][e] * ee + da * beta_r[hf] * kke;
-        rowg[hf] += x;
-        colv[j][e & 1] += x;
-        rowb[hf] += da * kke;
-      }
-      const int u0 = un0 + 8 * j + 2 * t4;
-      *reinterpret_cast<uint32_t*>(s.dQKh + r0 * ld_h(C) + u0) = mma::pack2<T>(qk[0], qk[1]);
-      *reinterpret_cast<uint32_t*>(s.dQKh + r1 * ld_h(C) + u0) = mma::pack2<T>(qk[2], qk[3]);
-      *reinterpret_cast<uint32_t*>(s.Gh + r0 * ld_h(C) + u0) = mma::pack2<T>(gg[0], gg[1]);
-      *reinterpret_cast<uint32_t*>(s.Gh + r1 * ld_h(C) + u0) = mma::pack2<T>(gg[2], gg[3]);
-    }
-#pragma unroll
-    for (int j = 0; j < NU; ++j)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {  // column sums over the warp's 16 rows: reduce over g (lanes 4, 8, 16 apart)
-        float x = colv[j][e];
-        x += __shfl_xor_sync(0xffffffff, x, 4);
-        x += __shfl_xor_sync(0xffffffff, x, 8);
-        x += __shfl_xor_sync(0xffffffff, x, 16);
-        if (g8 == 0) s.colp[rg * C + un0 + 8 * j + 2 * t4 + e] = x;
-      }
-  }
-  __syncthreads();  // dQKh, Gh complete
-
-  {  // dq = e^gamma o dQg + dQK K;  dgamma += e^gamma <dQg, Q>
-    float qp[2] = {0.f, 0.f};
-#pragma unroll
-    for (int j = 0; j < NK; ++j)
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const float2 q = smem_pair(s.Qs, ld_h(KP), hf ? r1 : r0, kn0 + 8 * j + 2 * t4);
-        qp[hf] += dQg[j][2 * hf] * q.x + dQg[j][2 * hf + 1] * q.y;
-        dQg[j][2 * hf] *= eg[hf];
-        dQg[j][2 * hf + 1] *= eg[hf];
-      }
-    rowg[0] += eg[0] * qp[0];
-    rowg[1] += eg[1] * qp[1];
-#pragma unroll
-    for (int kb = 0; kb < C / 16; ++kb) {
-      uint32_t a[1][4];
-      mma::a_from_rows(a[0], s.dQKh, ld_h(C), m0, 16 * kb);
-      mma::mma_acc<false>(dQg, a, s.Ks, ld_h(KP), kn0, 16 * kb);
-    }
-    store_acc_rows<NK, T>(static_cast<T*>(b.dq) + (tok0 * H + h) * K, H * K, dQg, r0, kn0, rows, p.K, K % 2 == 0);
-  }
-  {  // dk = kd o dKd + beta e^gamma o dKb + dQK^T Q + G K + G^T K;  hd = <dKd, K>, kb = <dKb, K> by rows
-    float hd[2] = {0.f, 0.f}, kb2[2] = {0.f, 0.f};
-#pragma unroll
-    for (int j = 0; j < NK; ++j)
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const float2 k = smem_pair(s.Ks, ld_h(KP), hf ? r1 : r0, kn0 + 8 * j + 2 * t4);
-        const int e0 = 2 * hf, e1 = 2 * hf + 1;
-        hd[hf] += dKd[j][e0] * k.x + dKd[j][e1] * k.y;
-        kb2[hf] += dKb[j][e0] * k.x + dKb[j][e1] * k.y;
-        dKd[j][e0] = kd[hf] * dKd[j][e0] + bg[hf] * dKb[j][e0];
-        dKd[j][e1] = kd[hf] * dKd[j][e1] + bg[hf] * dKb[j][e1];
-      }
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      rowg[hf] += bg[hf] * kb2[hf] - kd[hf] * hd[hf];
-      rowb[hf] += eg[hf] * kb2[hf];
-      rowh[hf] = kd[hf] * hd[hf];
-    }
-#pragma unroll
-    for (int kb = 0; kb < C / 16; ++kb) {
-      uint32_t a[1][4];
-      mma::a_from_cols(a[0], s.dQKh, ld_h(C), m0, 16 * kb);  // dQK^T Q
-      mma::mma_acc<false>(dKd, a, s.Qs, ld_h(KP), kn0, 16 * kb);
-      mma::a_from_rows(a[0], s.Gh, ld_h(C), m0, 16 * kb);    // G K
-      mma::mma_acc<false>(dKd, a, s.Ks, ld_h(KP), kn0, 16 * kb);
-      mma::a_from_cols(a[0], s.Gh, ld_h(C), m0, 16 * kb);    // G^T K
-      mma::mma_acc<false>(dKd, a, s.Ks, ld_h(KP), kn0, 16 * kb);
-    }
-    store_acc_rows<NK, T>(static_cast<T*>(b.dk) + (tok0 * H + h) * K, H * K, dKd, r0, kn0, rows, p.K, K % 2 == 0);
-  }
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {  // row partial sums over this warp's columns: reduce over t (lanes 1, 2 apart)
-#pragma unroll
-    for (int o = 1; o <= 2; o *= 2) {
-      rowg[hf] += __shfl_xor_sync(0xffffffff, rowg[hf], o);
-      rowb[hf] += __shfl_xor_sync(0xffffffff, rowb[hf], o);
-      rowh[hf] += __shfl_xor_sync(0xffffffff, rowh[hf], o);
-    }
-    if (t4 == 0) {
-      const int r = hf ? r1 : r0;
-      s.dgp[ch * C + r] = rowg[hf];
-      s.dbp[ch * C + r] = rowb[hf];
-      s.hdp[ch * C + r] = rowh[hf];
-    }
-  }
-  __syncthreads();
-  if (threadIdx.x < rows) b.dbeta[(tok0 + threadIdx.x) * H + h] = s.dbp[threadIdx.x] + s.dbp[C + threadIdx.x];
-  if (gated && warp == 0) {  // dgamma_C += sum kd hd + e^gC <h, dh>; dg = reverse cumsum of dgamma
-    auto dgam = [&](int r) {
-      return s.dgp[r] + s.dgp[C + r] - (s.colp[r] + s.colp[C + r] + s.colp[2 * C + r] + s.colp[3 * C + r]);
-    };
-    float hsum = s.hdp[2 * lane] + s.hdp[C + 2 * lane] + s.hdp[2 * lane + 1] + s.hdp[C + 2 * lane + 1];
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) hsum += __shfl_xor_sync(0xffffffff, hsum, o);
-    const float a = dgam(2 * lane);
-    float bb = dgam(2 * lane + 1);
-    if (lane == 31) bb += hsum + __expf(gC) * hs;
-    float x = a + bb;  // suffix sums: scan from the top
-#pragma unroll
-    for (int off = 1; off < 32; off *= 2) {
-      const float y = __shfl_down_sync(0xffffffff, x, off);
-      if (lane + off < 32) x += y;
-    }
-    if (2 * lane < rows) b.dg[(tok0 + 2 * lane) * H + h] = x;
-    if (2 * lane + 1 < rows) b.dg[(tok0 + 2 * lane + 1) * H + h] = x - a;
-  }
-}
-
-
 // ---------------------------------------------------------------------------------------------------------------
-// chunk_bwd v2: the v1 math without its prologue, on a persistent grid. Tm comes from the backward's recompute
-// (wy_fwd stores it, 16-bit, when FwdParams::tm is set), so a work item (slot, head) starts with loads only; one
-// block a multiprocessor walks items blockIdx.x, + gridDim.x, ... and its cp.async stream never stops at an item
-// boundary: the v-tile ring (three stages) runs on into the next item, and the next item's header (Q, K, Tm, beta,
-// g: double-buffered) is issued at the first v-tile of the current one, so the epilogue, the stores and the start of
-// the next item overlap the next item's loads. Per item, against v1: no KKE / substitution prologue (~2900
-// instructions a thread, a serial chain), K K^T recomputed in registers in the epilogue (no fp32 KKE tile),
-// gamma scanned in place by warp 0 at the item's first v-tile, (G + G^T) K as one product (G is strictly lower,
-// so the A fragments of G and G^T merge by a bitwise or), <h, dh> and the hd sum reduced per warp (no block_sum):
-// nvt + 2 barriers an item. dQK / G tiles and the column partials have their own space; the row partials live in
-// the stage of the item's last v-tile (free once every warp passed barrier B, refilled only after the next top
-// barrier).
+// chunk_bwd on mma.sync, a persistent grid: one block (8 warps) a multiprocessor walks the work items (slot, head),
+// head-fastest. Tm = (I + diag(beta) (K K^T o E)_strict)^-1 comes from the backward's recompute (wy_fwd stores it,
+// 16-bit, when FwdParams::tm is set), so an item starts with loads only. Warp w owns rows 16 (w % 4).. of the chunk
+// and column half ch = w / 4 of every C x KP product (k = KP/2 ch..) and of every C x C product (u = 32 ch..);
+// all sums over V stay in fp32 register accumulators across the v-loop:
+//   v-loop (32-column v-tiles dO, Vn, dVn, V, h, dh; a ring of three cp.async stages):
+//     dVb = Tm^T dVn, dv = beta dVb and dbeta += rowsum(dVb o V);
+//     dZ += dO Vn^T, dA += -dVb Vn^T (16 x 32),  dQg += dO h^T, dKb += -dVb h^T, dKd += Vn dh^T (16 x KP/2)
+//     (dO unscaled in the loop: s is applied to dZ and dQg in fp32 afterwards); <h, dh> per warp.
+//   epilogue, from registers: P = Q K^T and K K^T recomputed; dQK = tril(dZ) o E, G = tril_-1(dA) o beta_r E ->
+//     16-bit tiles in shared memory (the only C x C exchange); gate / beta row and column sums per warp;
+//     dq = e^gamma o dQg + dQK K, dk = kd o dKd + beta e^gamma o dKb + dQK^T Q + (G + G^T) K (G strictly lower: the
+//     A fragments of G and G^T merge by a bitwise or), stored from the accumulators; dbeta, dg from the per-warp
+//     partial sums (fixed order).
+// The cp.async stream never stops at an item boundary: the v-tile ring runs on into the next item, and the next
+// item's header (Q, K, Tm, beta, g: double-buffered) is issued at the first v-tile of the current one, so the
+// epilogue, the stores and the start of the next item overlap the next item's loads; nvt + 2 barriers an item.
+// dQK / G tiles and the column partials have their own space; the row partials live in the stage of the item's
+// last v-tile (free once every warp passed barrier B, refilled only after the next top barrier).
+// Measured on the H100 (bf16, K = V = 128): 1.12 ms at B8 T4096, 2.19 ms at B1 T65536 (the per-(slot, head) kernel
+// it replaced, which computed Tm itself: 2.02 / 3.99 ms).
 template <int KP, typename T>
-struct ChunkBwdV2Smem {
+struct ChunkBwdSmem {
   static constexpr int BV = kBwdMmaBV, NS = kBwdMmaStages;
   static constexpr size_t r128(size_t b) { return (b + 127) / 128 * 128; }
   static constexpr size_t kCT = r128(size_t(C) * ld_h(BV) * sizeof(T));   // a C x BV tile
@@ -424,9 +78,9 @@ struct ChunkBwdV2Smem {
   char *hdr, *stages;
   T *dQKh, *Gh;
   float *colp, *red;  // [rg][col] dgamma column partial sums; per-warp sums: [0, 8) <h, dh>, [8, 16) kd hd
-  __host__ __device__ static size_t carve(char* base, ChunkBwdV2Smem* s) {
+  __host__ __device__ static size_t carve(char* base, ChunkBwdSmem* s) {
     SmemCarver sc{base};
-    ChunkBwdV2Smem t;
+    ChunkBwdSmem t;
     t.hdr = sc.take<char>(2 * kHdr);
     t.dQKh = sc.take<T>(C * ld_h(C));
     t.Gh = sc.take<T>(C * ld_h(C));
@@ -477,8 +131,8 @@ __device__ __forceinline__ BwdItem bwd_item(const FwdParams& p, int64_t slots, i
 }
 
 template <int KP, typename T>
-__global__ void __launch_bounds__(256, 1) chunk_bwd_v2_kernel(BwdParams b) {
-  using Smem = ChunkBwdV2Smem<KP, T>;
+__global__ void __launch_bounds__(256, 1) chunk_bwd_kernel(BwdParams b) {
+  using Smem = ChunkBwdSmem<KP, T>;
   constexpr int BV = Smem::BV, NS = Smem::NS, NT = 256, KH = KP / 2, NK = KH / 8, NV = BV / 8, NU = 32 / 8;
   static_assert(NS == 3, "the prefetch distance is 1 or 2 v-tiles");
   extern __shared__ __align__(128) char smem[];

@@ -19,7 +19,7 @@ struct FwdParams {
   const float* h0;             // [N,H,K,V] fp32 or null
   void *o, *w, *u, *vn, *h;    // outputs / workspaces (h: [slots,H,K,V])
   void* tm;                    // [B,T,H,C] element type T, or null: wy_fwd stores the chunk inverse Tm (row r of a
-                               // chunk at its token) for chunk_bwd v2; the backward's recompute sets it
+                               // chunk at its token) for chunk_bwd; the backward's recompute sets it
   float* ht;                   // [N,H,K,V] fp32 or null
   chunk::SeqLayout seq;
   int H, K, V;
@@ -35,8 +35,7 @@ struct BwdParams {
   void *dh, *dvn, *dvl;        // workspaces: [slots,H,K,V], [B,T,H,V], [B,T,H,V] (P^T dO)
   void *dq, *dk, *dv;          // [B,T,H,K|V]
   float *dbeta, *dg, *dh0;     // [B,T,H] fp32, [B,T,H] fp32 (or null), [N,H,K,V] fp32 (or null)
-  bool chunk_bwd_v1;           // LINFLOW_CHUNK_BWD=v1: the per-chunk kernel that recomputes Tm (f.tm unused)
-  int64_t slots;               // chunk slots (set by the launcher; chunk_bwd v2 walks slots x H work items)
+  int64_t slots;               // chunk slots (set by the launcher; chunk_bwd walks slots x H work items)
 };
 
 

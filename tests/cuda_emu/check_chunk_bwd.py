@@ -1,4 +1,4 @@
-"""CPU check of chunk_bwd_mma_kernel without a GPU: the real kernel source runs on an emulation of the CUDA
+"""CPU check of chunk_bwd_kernel (after wy_fwd's Tm store) without a GPU: the real kernel source runs on an emulation of the CUDA
 features it uses (tests/cuda_emu/shim: one OS thread per CUDA thread, warp collectives and mma.sync / ldmatrix
 through per-warp exchange slots, deferred cp.async, shared memory poisoned with 0xFF), on random bf16 inputs
 (q, k, v, beta, g, dO, vn, dvn, h, dh taken as given), against a float64 numpy transcription of the per-chunk
@@ -13,7 +13,7 @@ WORK, BIN = build("chunk_bwd_main.cpp", "chunk_bwd")
 RUNS = os.path.join(WORK, "runs")
 C = 64
 
-def run(name, B, T, H, K, V, gated, cu=None, seed=0, f16=False, ver="v2", blocks=3):
+def run(name, B, T, H, K, V, gated, cu=None, seed=0, f16=False, blocks=3):
     enc, dec = codec(f16)
     rng = np.random.default_rng(seed)
     varlen = cu is not None
@@ -34,7 +34,7 @@ def run(name, B, T, H, K, V, gated, cu=None, seed=0, f16=False, ver="v2", blocks
     if gated: g.tofile(f"{d}/g.bin")
     if varlen: np.asarray(cu, np.int64).tofile(f"{d}/cu.bin")
     open(f"{d}/params.txt", "w").write(f"{B} {T} {H} {K} {V} {N} {int(varlen)} {int(gated)} {scale!r} {slots} {total}\n")
-    r = subprocess.run([BIN, d, "f16" if f16 else "bf16", ver, str(blocks)], capture_output=True, text=True)
+    r = subprocess.run([BIN, d, "f16" if f16 else "bf16", str(blocks)], capture_output=True, text=True)
     if r.returncode: print(r.stdout, r.stderr); raise SystemExit(f"{name}: emu failed")
     out = dict(dq=dec(np.fromfile(f"{d}/dq.out", np.uint16)).reshape(total, H, K),
                dk=dec(np.fromfile(f"{d}/dk.out", np.uint16)).reshape(total, H, K),
@@ -95,16 +95,14 @@ def run(name, B, T, H, K, V, gated, cu=None, seed=0, f16=False, ver="v2", blocks
         err = np.nanmax(np.abs(o - rf)) / (np.nanmax(np.abs(rf)) + 1e-12)
         bad = nan_o > 0 or nan_r > 0 or err > 2e-2
         ok &= not bad
-        print(f"  {name:28s} {ver} {k_:6s} rel-max-err {err:.2e}  nan(out) {nan_o} nan(ref) {nan_r} {'FAIL' if bad else 'ok'}")
+        print(f"  {name:28s} {k_:6s} rel-max-err {err:.2e}  nan(out) {nan_o} nan(ref) {nan_r} {'FAIL' if bad else 'ok'}")
     return ok
 
-# v2 (the default) runs a persistent grid of `blocks` blocks over slots x H items (several items a block, odd
-# counts: both header buffers, the v-tile ring across items, prefetch distance 1 at V <= 32); v1 on two cases.
+# A persistent grid of `blocks` blocks over slots x H items (several items a block, odd counts: both header
+# buffers, the v-tile ring across items, prefetch distance 1 at V <= 32).
 cases = {
   "dense_K128_V128_g": dict(B=1, T=128, H=1, K=128, V=128, gated=True, blocks=1),
   "dense_K128_V32_g": dict(B=1, T=192, H=1, K=128, V=32, gated=True, blocks=2),
-  "v1_dense_K128_V128_g": dict(B=1, T=128, H=1, K=128, V=128, gated=True, ver="v1"),
-  "v1_varlen_K128_V72_g": dict(B=1, T=0, H=2, K=128, V=72, gated=True, cu=[0, 70, 75, 200], ver="v1"),
   "dense_K100_V40_partial_g": dict(B=2, T=100, H=2, K=100, V=40, gated=True),
   "dense_K64_V37_nog": dict(B=1, T=70, H=1, K=64, V=37, gated=False),
   "dense_K48_V64_g": dict(B=1, T=64, H=1, K=48, V=64, gated=True),

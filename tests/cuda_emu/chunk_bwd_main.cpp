@@ -7,24 +7,19 @@
 namespace linflow::delta_rule { alignas(128) char smem[232448]; }
 using namespace linflow::delta_rule;
 
-// wy_fwd (the backward's recompute: stores Tm into b.f.tm), then chunk_bwd v1 (grid slots x H) or v2 (persistent
-// grid of `blocks` blocks, each walking items blockIdx.x, + blocks, ...).
+// wy_fwd (the backward's recompute: stores Tm into b.f.tm), then chunk_bwd (a persistent grid of `blocks` blocks,
+// each walking items blockIdx.x, + blocks, ...).
 template <int KP, typename bf>
-void run_all(BwdParams& b, int64_t slots, int H, bool v2, int blocks) {
+void run_all(BwdParams& b, int64_t slots, int H, int blocks) {
   const size_t wm = WyFwdSmem<KP, bf>::carve(nullptr, nullptr);
   launch_grid(smem, sizeof(smem), wm, {unsigned(slots), unsigned(H), 1}, 256, [&] { wy_fwd_kernel<KP, bf>(b.f); });
-  if (v2) {
-    const size_t sm = ChunkBwdV2Smem<KP, bf>::carve(nullptr, nullptr);
+  {
+    const size_t sm = ChunkBwdSmem<KP, bf>::carve(nullptr, nullptr);
     const int64_t items = slots * H;
     const unsigned g = unsigned(blocks < items ? blocks : items);
-    std::printf("KP %d v2 smem %zu bytes, %u blocks for %lld items\n", KP, sm, g, (long long)items);
+    std::printf("KP %d smem %zu bytes, %u blocks for %lld items\n", KP, sm, g, (long long)items);
     b.slots = slots;
-    launch_grid(smem, sizeof(smem), sm, {g, 1, 1}, 256, [&] { chunk_bwd_v2_kernel<KP, bf>(b); });
-  } else {
-    const size_t sm = ChunkBwdMmaSmem<KP, bf>::carve(nullptr, nullptr);
-    std::printf("KP %d v1 smem %zu bytes\n", KP, sm);
-    launch_grid(smem, sizeof(smem), sm, {unsigned(slots), unsigned(H), 1}, 256,
-                [&] { chunk_bwd_mma_kernel<KP, bf>(b); });
+    launch_grid(smem, sizeof(smem), sm, {g, 1, 1}, 256, [&] { chunk_bwd_kernel<KP, bf>(b); });
   }
 }
 
@@ -57,9 +52,8 @@ int run(int argc, char** argv) {
   p.vec_k = K % 8 == 0; p.vec_v = V % 8 == 0;
   b.dout = dout.data(); b.dh = dh.data(); b.dvn = dvn.data();
   b.dq = dq.data(); b.dk = dk.data(); b.dv = dv.data(); b.dbeta = dbeta.data(); b.dg = gated ? dg.data() : nullptr;
-  const bool v2 = std::string(argv[3]) == "v2";
-  const int blocks = std::atoi(argv[4]);
-  if (K <= 64) run_all<64, bf>(b, slots, int(H), v2, blocks); else run_all<128, bf>(b, slots, int(H), v2, blocks);
+  const int blocks = std::atoi(argv[3]);
+  if (K <= 64) run_all<64, bf>(b, slots, int(H), blocks); else run_all<128, bf>(b, slots, int(H), blocks);
   wr(d + "/tm.out", tm);
   wr(d + "/dq.out", dq); wr(d + "/dk.out", dk); wr(d + "/dv.out", dv); wr(d + "/dbeta.out", dbeta);
   wr(d + "/dg.out", dg);

@@ -1,4 +1,4 @@
-// CPU emulation of the CUDA features chunk_bwd_mma_kernel uses: one OS thread per CUDA thread, std::barrier for
+// CPU emulation of the CUDA features the kernels under tests/cuda_emu use: one OS thread per CUDA thread, std::barrier for
 // __syncthreads and for warp collectives (shuffles, ldmatrix, mma.sync exchange their operands through per-warp
 // slots), deferred cp.async (data lands in shared memory at cp.async.wait_group).
 #pragma once
