@@ -6,13 +6,12 @@ against causal softmax attention with GQA in float64 (per sequence, query head h
     the group's query heads).
 The forward (o, lse) runs on the inputs; the backward runs on the reference o (16-bit) and lse, so each is
 checked on its own. Errors: max |out - ref| / max |ref| per output (2e-2 allowed: 16-bit operands).
-    python tests/cuda_emu/check_deltaformer_read.py [--v1|--v2] [case ...]     (default: both versions)
+    python tests/cuda_emu/check_deltaformer_read.py [case ...]
 EMU_SKEW=1 (or 2) EMU_SKEW_US=300 skews the warps at every collective (barrier check; slow: use one small case).
 """
 import numpy as np, os, subprocess, sys
 from emu_build import build, codec, run_cases
-VERS = [a[2:] for a in sys.argv[1:] if a.startswith("--")] or ["v1", "v2"]
-WORK, BIN = build("read_main.cpp", "read", defines=("READ_V2",) if "v2" in VERS else ())
+WORK, BIN = build("read_main.cpp", "read")
 RUNS = os.path.join(WORK, "runs")
 C = 64
 
@@ -62,23 +61,21 @@ def run(name, B, T, H, Hkv, K, V, cu=None, seed=0, f16=False):
     covered = np.zeros(total, bool)
     for bos, ln in seqs: covered[bos:bos + ln] = True
     ok = True
-    for ver in VERS:
-        rr = subprocess.run([BIN, d, "f16" if f16 else "bf16", ver], capture_output=True, text=True)
-        if rr.returncode: print(rr.stdout, rr.stderr); raise SystemExit(f"{name}: emu failed")
-        out = dict(o=dec(np.fromfile(f"{d}/o.out", np.uint16)).reshape(total, H, V),
-                   lse=np.fromfile(f"{d}/lse.out", np.float32).reshape(total, H),
-                   dq=np.fromfile(f"{d}/dq.out", np.float32).reshape(total, H, K),
-                   dk=np.fromfile(f"{d}/dk.out", np.float32).reshape(total, Hkv, K),
-                   du=np.fromfile(f"{d}/du.out", np.float32).reshape(total, Hkv, V))
-        for k_ in out:
-            x, rf = out[k_][covered].astype(np.float64), ref[k_][covered]
-            nan_o = np.isnan(x).sum()
-            err = np.max(np.abs(x - rf)) / (np.max(np.abs(rf)) + 1e-12) if x.size else 0.0
-            bad = nan_o > 0 or not err <= 2e-2
-            ok &= not bad
-            tag = ver
-            print(f"  {name:34s} {tag} {k_:4s} rel-max-err {err:.2e}  nan(out) {nan_o} {'FAIL' if bad else 'ok'}",
-                  flush=True)
+    rr = subprocess.run([BIN, d, "f16" if f16 else "bf16"], capture_output=True, text=True)
+    if rr.returncode: print(rr.stdout, rr.stderr); raise SystemExit(f"{name}: emu failed")
+    out = dict(o=dec(np.fromfile(f"{d}/o.out", np.uint16)).reshape(total, H, V),
+               lse=np.fromfile(f"{d}/lse.out", np.float32).reshape(total, H),
+               dq=np.fromfile(f"{d}/dq.out", np.float32).reshape(total, H, K),
+               dk=np.fromfile(f"{d}/dk.out", np.float32).reshape(total, Hkv, K),
+               du=np.fromfile(f"{d}/du.out", np.float32).reshape(total, Hkv, V))
+    for k_ in out:
+        x, rf = out[k_][covered].astype(np.float64), ref[k_][covered]
+        nan_o = np.isnan(x).sum()
+        err = np.max(np.abs(x - rf)) / (np.max(np.abs(rf)) + 1e-12) if x.size else 0.0
+        bad = nan_o > 0 or not err <= 2e-2
+        ok &= not bad
+        print(f"  {name:34s} {k_:4s} rel-max-err {err:.2e}  nan(out) {nan_o} {'FAIL' if bad else 'ok'}",
+              flush=True)
     return ok
 
 
@@ -92,4 +89,4 @@ cases = {
   "dense_T1": dict(B=1, T=1, H=2, Hkv=2, K=64, V=64),
   "mqa_K96_V120_T257": dict(B=1, T=257, H=3, Hkv=1, K=96, V=120, f16=True),
 }
-run_cases(cases, run, [a for a in sys.argv[1:] if not a.startswith("--")] or list(cases))
+run_cases(cases, run, sys.argv[1:] or list(cases))

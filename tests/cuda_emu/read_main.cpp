@@ -1,7 +1,7 @@
 // CPU emulation driver for the Deltaformer read-pass kernels (csrc/deltaformer/read_kernel.cuh): reads the inputs
 // written by check_deltaformer_read.py, runs the forward (o, lse) and, on the reference o and lse, the backward
 // (read_drow_kernel, then the backward kernel), one OS thread per CUDA thread; writes o, lse, dq, dk, du.
-//   read_main <dir> bf16|f16 v1|v2     (v1: read_fwd_kernel, read_bwd_kernel; v2: read_fwd2_kernel, read_bwd2_kernel)
+//   read_main <dir> bf16|f16
 #include "emu.h"
 #include <mutex>
 inline float2 make_float2(float a, float b) { return {a, b}; }
@@ -24,7 +24,7 @@ using namespace linflow::deltaformer;
 using namespace linflow::deltaformer::rdk;
 
 template <typename T>
-int run(const std::string& d, const std::string& ver) {
+int run(const std::string& d) {
   std::ifstream pf(d + "/params.txt");
   int64_t Tn, H, Hkv, K, V, N, varlen, slots, total;
   float scale;
@@ -52,15 +52,8 @@ int run(const std::string& d, const std::string& ver) {
   };
   dims([&](auto kp, auto vp) {
     constexpr int KP = decltype(kp)::value, VP = decltype(vp)::value;
-    if (ver == "v1") {
-      launch_grid(smem, sizeof(smem), FwdSmem<KP, VP, T>::kBytes, {unsigned(slots * p.H), 1, 1}, kThreads,
-                  [&] { read_fwd_kernel<KP, VP, T>(p); });
-    } else {
-#ifdef READ_V2
-      launch_grid(smem, sizeof(smem), Fwd2Smem<KP, VP, T>::kBytes, {unsigned(fwd2_blocks(p.seq, slots) * p.H), 1, 1},
-                  kThreads, [&] { read_fwd2_kernel<KP, VP, T>(p); });
-#endif
-    }
+    launch_grid(smem, sizeof(smem), FwdSmem<KP, VP, T>::kBytes, {unsigned(fwd_blocks(p.seq, slots) * p.H), 1, 1},
+                kThreads, [&] { read_fwd_kernel<KP, VP, T>(p); });
   });
   wr(d + "/o.out", o); wr(d + "/lse.out", lse);
   ReadBwdParams bb = b;
@@ -69,23 +62,13 @@ int run(const std::string& d, const std::string& ver) {
     constexpr int KP = decltype(kp)::value, VP = decltype(vp)::value;
     const int64_t rows = total * H;
     launch_grid(smem, sizeof(smem), 0, {unsigned((rows + 7) / 8), 1, 1}, 256, [&] { read_drow_kernel<T>(bb, rows); });
-    if (ver == "v1") {
-      launch_grid(smem, sizeof(smem), BwdSmem<KP, VP, T>::kBytes, {unsigned(slots * p.Hkv), 1, 1}, kThreads,
-                  [&] { read_bwd_kernel<KP, VP, T>(bb); });
-    } else {
-#ifdef READ_V2
-      launch_grid(smem, sizeof(smem), Bwd2Smem<KP, VP, T>::kBytes,
-                  {unsigned(bwd2_blocks(p.seq, slots) * p.Hkv), 1, 1}, kBwd2Threads, [&] { read_bwd2_kernel<KP, VP, T>(bb); });
-#else
-      std::fprintf(stderr, "no v2\n"); std::exit(1);
-#endif
-    }
+    launch_grid(smem, sizeof(smem), BwdSmem<KP, VP, T>::kBytes, {unsigned(bwd_blocks(p.seq, slots) * p.Hkv), 1, 1},
+                kBwdThreads, [&] { read_bwd_kernel<KP, VP, T>(bb); });
   });
   wr(d + "/dq.out", dq); wr(d + "/dk.out", dk); wr(d + "/du.out", du);
   return 0;
 }
 
 int main(int argc, char** argv) {
-  const std::string ver = argc > 3 ? argv[3] : "v1";
-  return std::string(argv[2]) == "f16" ? run<__half>(argv[1], ver) : run<__nv_bfloat16>(argv[1], ver);
+  return std::string(argv[2]) == "f16" ? run<__half>(argv[1]) : run<__nv_bfloat16>(argv[1]);
 }
