@@ -116,6 +116,28 @@ __device__ __forceinline__ void mma_acc(float (&acc)[NJ][4], const uint32_t (&a)
     }
 }
 
+// acc0 += a0 . B and acc1 += a1 . B with B's fragments loaded once (layouts as mma_acc).
+template <bool B_ROWS, int NJ, int KB, typename T>
+__device__ __forceinline__ void mma_acc2(float (&acc0)[NJ][4], const uint32_t (&a0)[KB][4], float (&acc1)[NJ][4],
+                                         const uint32_t (&a1)[KB][4], const T* X, int ld, int n0 = 0, int k0 = 0) {
+  static_assert(NJ % 2 == 0, "tiles go in pairs");
+#pragma unroll
+  for (int j = 0; j < NJ; j += 2)
+#pragma unroll
+    for (int kb = 0; kb < KB; ++kb) {
+      uint32_t bf[4];
+      if constexpr (B_ROWS) {
+        b_from_rows(bf, X, ld, n0 + 8 * j, k0 + 16 * kb);
+      } else {
+        b_from_cols(bf, X, ld, n0 + 8 * j, k0 + 16 * kb);
+      }
+      mma16816<T>(acc0[j], a0[kb], bf[0], bf[1]);
+      mma16816<T>(acc0[j + 1], a0[kb], bf[2], bf[3]);
+      mma16816<T>(acc1[j], a1[kb], bf[0], bf[1]);
+      mma16816<T>(acc1[j + 1], a1[kb], bf[2], bf[3]);
+    }
+}
+
 template <int NJ>
 __device__ __forceinline__ void zero_acc(float (&acc)[NJ][4]) {
 #pragma unroll

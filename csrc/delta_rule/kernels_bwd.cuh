@@ -14,28 +14,6 @@ namespace linflow::delta_rule {
 
 constexpr int kBwdMmaBV = 32, kBwdMmaStages = 3;
 
-// acc0 += a0 . B and acc1 += a1 . B with B's fragments loaded once (layout as mma::mma_acc).
-template <bool B_ROWS, int NJ, int KB, typename T>
-__device__ __forceinline__ void mma_acc2(float (&acc0)[NJ][4], const uint32_t (&a0)[KB][4], float (&acc1)[NJ][4],
-                                         const uint32_t (&a1)[KB][4], const T* X, int ld, int n0 = 0, int k0 = 0) {
-  static_assert(NJ % 2 == 0, "tiles go in pairs");
-#pragma unroll
-  for (int j = 0; j < NJ; j += 2)
-#pragma unroll
-    for (int kb = 0; kb < KB; ++kb) {
-      uint32_t bf[4];
-      if constexpr (B_ROWS) {
-        mma::b_from_rows(bf, X, ld, n0 + 8 * j, k0 + 16 * kb);
-      } else {
-        mma::b_from_cols(bf, X, ld, n0 + 8 * j, k0 + 16 * kb);
-      }
-      mma::mma16816<T>(acc0[j], a0[kb], bf[0], bf[1]);
-      mma::mma16816<T>(acc0[j + 1], a0[kb], bf[2], bf[3]);
-      mma::mma16816<T>(acc1[j], a1[kb], bf[0], bf[1]);
-      mma::mma16816<T>(acc1[j + 1], a1[kb], bf[2], bf[3]);
-    }
-}
-
 // Element pair (row r, columns col, col + 1) of a 16-bit shared tile as floats.
 template <typename T>
 __device__ __forceinline__ float2 smem_pair(const T* X, int ld, int r, int col) {
@@ -274,8 +252,8 @@ __global__ void __launch_bounds__(256, 1) chunk_bwd_kernel(BwdParams b) {
         mma::a_from_rows(oa[kb], dO, ld_h(BV), m0, 16 * kb);
         mma::a_from_rows(va[kb], Vn, ld_h(BV), m0, 16 * kb);
       }
-      mma_acc2<true>(dZ, oa, dA, na, Vn, ld_h(BV), un0);    // dZ += dO Vn^T, dA += -dVb Vn^T
-      mma_acc2<true>(dQg, oa, dKb, na, Hs, ld_h(BV), kn0);  // dQg += dO h^T, dKb += -dVb h^T
+      mma::mma_acc2<true>(dZ, oa, dA, na, Vn, ld_h(BV), un0);    // dZ += dO Vn^T, dA += -dVb Vn^T
+      mma::mma_acc2<true>(dQg, oa, dKb, na, Hs, ld_h(BV), kn0);  // dQg += dO h^T, dKb += -dVb h^T
       mma::mma_acc<true>(dKd, va, dHs, ld_h(BV), kn0);       // dKd += Vn dh^T
 #pragma unroll
       for (int i = threadIdx.x; i < KP * BV / 8; i += NT) {  // <h, dh> (zero outside K x V), 8 elements a step

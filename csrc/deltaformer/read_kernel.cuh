@@ -345,18 +345,10 @@ __global__ void __launch_bounds__(kThreads) read_fwd_kernel(ReadFwdParams p) {
       mma::zero_acc(Sc[1]);
 #pragma unroll
       for (int kb = 0; kb < KP / 16; ++kb) {  // S = Q K^T, one B fragment for both row tiles
-        uint32_t a0[4], a1[4];
-        mma::a_from_rows(a0, Qs, LK, m0, 16 * kb);
-        mma::a_from_rows(a1, Qs, LK, m0 + 16, 16 * kb);
-#pragma unroll
-        for (int j = 0; j < NS; j += 2) {
-          uint32_t bb[4];
-          mma::b_from_rows(bb, Kt, LK, 8 * j, 16 * kb);
-          mma::mma16816<T>(Sc[0][j], a0, bb[0], bb[1]);
-          mma::mma16816<T>(Sc[0][j + 1], a0, bb[2], bb[3]);
-          mma::mma16816<T>(Sc[1][j], a1, bb[0], bb[1]);
-          mma::mma16816<T>(Sc[1][j + 1], a1, bb[2], bb[3]);
-        }
+        uint32_t a0[1][4], a1[1][4];
+        mma::a_from_rows(a0[0], Qs, LK, m0, 16 * kb);
+        mma::a_from_rows(a1[0], Qs, LK, m0 + 16, 16 * kb);
+        mma::mma_acc2<true>(Sc[0], a0, Sc[1], a1, Kt, LK, 0, 16 * kb);
       }
       const bool diag = offset > m0 - C;  // some key of the tile lies past some row of the warp
       float mx[4] = {m[0], m[1], m[2], m[3]};
@@ -397,18 +389,10 @@ __global__ void __launch_bounds__(kThreads) read_fwd_kernel(ReadFwdParams p) {
           }
 #pragma unroll
       for (int kb = 0; kb < C / 16; ++kb) {  // O += P U, one B fragment for both row tiles
-        uint32_t pa0[4], pa1[4];
-        mma::acc_to_a<T>(pa0, Sc[0], kb);
-        mma::acc_to_a<T>(pa1, Sc[1], kb);
-#pragma unroll
-        for (int j = 0; j < NV; j += 2) {
-          uint32_t bb[4];
-          mma::b_from_cols(bb, Ut, LV, 8 * j, 16 * kb);
-          mma::mma16816<T>(O[0][j], pa0, bb[0], bb[1]);
-          mma::mma16816<T>(O[0][j + 1], pa0, bb[2], bb[3]);
-          mma::mma16816<T>(O[1][j], pa1, bb[0], bb[1]);
-          mma::mma16816<T>(O[1][j + 1], pa1, bb[2], bb[3]);
-        }
+        uint32_t pa0[1][4], pa1[1][4];
+        mma::acc_to_a<T>(pa0[0], Sc[0], kb);
+        mma::acc_to_a<T>(pa1[0], Sc[1], kb);
+        mma::mma_acc2<false>(O[0], pa0, O[1], pa1, Ut, LV, 0, 16 * kb);
       }
     }
     __syncthreads();  // the next iteration's fetch overwrites this tile's buffers
