@@ -94,6 +94,8 @@ def extension():
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
             "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
             f"--threads={os.environ.get('NVCC_THREADS', '2')}"] + nvcc_arch_flags()
+    if any("sm_90a" in f for f in nvcc):
+        nvcc += ["-DLINFLOW_SM90A=1"]  # the launchers may pick the wgmma kernels on a 9.0 device
     if debug:
         nvcc += ["-G"]
     # -isystem: searched after the toolkit's own -I headers, so only what the toolkit lacks comes from the wheels.

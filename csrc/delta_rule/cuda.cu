@@ -10,6 +10,7 @@
 #include "common/launch.cuh"
 #include "delta_rule/launch.h"
 #include "delta_rule/state_mma.cuh"
+#include "delta_rule/state_wgmma.cuh"
 
 namespace linflow::delta_rule {
 namespace {
@@ -37,6 +38,25 @@ cudaError_t with_state_warps(int64_t V, int max_warps, int forced, F&& f) {
   return f(std::integral_constant<int, 1>{});
 }
 
+// The wgmma state passes (state_wgmma.cuh) run where the build has sm_90a code and the device is a 9.0 one, unless
+// FwdParams::state_mma_sync (LINFLOW_STATE_MMA=sync) asks for the mma.sync passes.
+bool use_wgmma_state(const FwdParams& p) {
+#ifdef LINFLOW_SM90A
+  if (p.state_mma_sync) return false;
+  static const bool hopper = [] {
+    int dev = 0, major = 0, minor = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return false;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    return major == 9 && minor == 0;
+  }();
+  return hopper;
+#else
+  (void)p;
+  return false;
+#endif
+}
+
 template <typename F>
 cudaError_t with_head_tiles(int64_t K, F&& f) {
   if (K <= 64) return f(std::integral_constant<int, 64>{}, std::integral_constant<int, 64>{});
@@ -53,12 +73,18 @@ cudaError_t forward(FwdParams& p, int64_t slots, int64_t N, bool want_output, cu
     cudaError_t err = launch(wy_fwd_kernel<KP, T>, dim3(ns, H), WyFwdSmem<KP, T>::carve(nullptr, nullptr), p, stream);
     if (err != cudaSuccess) return err;
     if constexpr (KP <= 128) {
-      err = with_state_warps(p.V, 4, p.state_warps, [&](auto nw) {
-        constexpr int NW = decltype(nw)::value;
-        const unsigned nvw = static_cast<unsigned>((p.V + 16 * NW - 1) / (16 * NW));
-        return launch(state_fwd_mma_kernel<KP, NW, T>, dim3(nvw, H, static_cast<unsigned>(N)),
-                      StateMmaSmem<KP, NW, T>::carve(nullptr, nullptr, 2, 1), p, stream, NW * 32);
-      });
+      if (use_wgmma_state(p)) {
+        const unsigned nvw = static_cast<unsigned>((p.V + kWgColumns - 1) / kWgColumns);
+        err = launch(state_fwd_wg_kernel<KP, T>, dim3(nvw, H, static_cast<unsigned>(N)),
+                     StateWgSmem<KP, T>::carve(nullptr, nullptr, 2, 1) + wgmma::kAlign, p, stream, 128);
+      } else {
+        err = with_state_warps(p.V, 4, p.state_warps, [&](auto nw) {
+          constexpr int NW = decltype(nw)::value;
+          const unsigned nvw = static_cast<unsigned>((p.V + 16 * NW - 1) / (16 * NW));
+          return launch(state_fwd_mma_kernel<KP, NW, T>, dim3(nvw, H, static_cast<unsigned>(N)),
+                        StateMmaSmem<KP, NW, T>::carve(nullptr, nullptr, 2, 1), p, stream, NW * 32);
+        });
+      }
     } else {
       err = launch(state_fwd_kernel<KP, BV, T>, dim3(nv, H, static_cast<unsigned>(N)),
                    StateFwdSmem<KP, BV, T>::carve(nullptr, nullptr), p, stream);
@@ -81,12 +107,18 @@ cudaError_t backward(BwdParams& b, int64_t slots, int64_t N, cudaStream_t stream
       cudaError_t err = launch(local_dvn_kernel<KP, T>, dim3(ns, H), LocalDvnSmem<KP, T>::carve(nullptr, nullptr), b,
                                stream);
       if (err != cudaSuccess) return err;
-      err = with_state_warps(b.f.V, 4, b.f.state_warps, [&](auto nw) {
-        constexpr int NW = decltype(nw)::value;
-        const unsigned nvw = static_cast<unsigned>((b.f.V + 16 * NW - 1) / (16 * NW));
-        return launch(state_bwd_mma_kernel<KP, NW, T>, dim3(nvw, H, static_cast<unsigned>(N)),
-                      StateMmaSmem<KP, NW, T>::carve(nullptr, nullptr, 3, 2), b, stream, NW * 32);
-      });
+      if (use_wgmma_state(b.f)) {
+        const unsigned nvw = static_cast<unsigned>((b.f.V + kWgColumns - 1) / kWgColumns);
+        err = launch(state_bwd_wg_kernel<KP, T>, dim3(nvw, H, static_cast<unsigned>(N)),
+                     StateWgSmem<KP, T>::carve(nullptr, nullptr, 3, 2) + wgmma::kAlign, b, stream, 128);
+      } else {
+        err = with_state_warps(b.f.V, 4, b.f.state_warps, [&](auto nw) {
+          constexpr int NW = decltype(nw)::value;
+          const unsigned nvw = static_cast<unsigned>((b.f.V + 16 * NW - 1) / (16 * NW));
+          return launch(state_bwd_mma_kernel<KP, NW, T>, dim3(nvw, H, static_cast<unsigned>(N)),
+                        StateMmaSmem<KP, NW, T>::carve(nullptr, nullptr, 3, 2), b, stream, NW * 32);
+        });
+      }
       if (err != cudaSuccess) return err;
       // chunk_bwd (KP 64 / 128): a persistent grid of one block (8 warps, ~226 KB of shared memory at KP 128) a
       // multiprocessor walking the slots x H items; it reads the Tm that wy_fwd stored (b.f.tm).

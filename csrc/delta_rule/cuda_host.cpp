@@ -39,6 +39,14 @@ int state_warps_override() {
   return w;
 }
 
+// LINFLOW_STATE_MMA=sync runs the mma.sync state passes on Hopper too (A/B against the wgmma ones). Read once.
+bool state_mma_sync() {
+  static const bool v = [] {
+    const char* e = std::getenv("LINFLOW_STATE_MMA");
+    return e != nullptr && std::string(e) == "sync";
+  }();
+  return v;
+}
 
 // Inputs converted for the kernels (contiguous q/k/v, fp32 beta/g/h0, int64 cu_seqlens) and the recomputation
 // buffers w, u, vn, h.
@@ -75,6 +83,7 @@ Prepared prepare(const Shapes& s, const Tensor& q, const Tensor& k, const Tensor
   p.vec_k = s.K % 8 == 0 && aligned16(r.q) && aligned16(r.k);
   p.vec_v = s.V % 8 == 0 && aligned16(r.v);
   p.state_warps = state_warps_override();
+  p.state_mma_sync = state_mma_sync();
   return r;
 }
 

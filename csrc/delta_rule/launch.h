@@ -25,7 +25,8 @@ struct FwdParams {
   int H, K, V;
   float scale;
   bool vec_k, vec_v;           // 16-byte loads allowed along K / V
-  int state_warps;             // warps a block of the sequential passes: 0 = chosen from the problem size
+  int state_warps;             // warps a block of the mma.sync sequential passes: 0 = chosen from the problem size
+  bool state_mma_sync;         // the mma.sync sequential passes even where the wgmma ones could run
 };
 
 struct BwdParams {
