@@ -96,6 +96,20 @@ __device__ __forceinline__ void fence_proxy_async() {
 #endif
 }
 
+// Four 8x8 16-bit matrices from registers to shared memory, transposed (sm_90): r[m] holds (row g, cols 2t, 2t+1)
+// of matrix m; lane l gives the address of stored row l % 8 (= fragment column) of matrix l / 8.
+__device__ __forceinline__ void stmatrix_x4_trans(void* row_addr, const uint32_t (&r)[4]) {
+#if LINFLOW_HAS_WGMMA
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row_addr));
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(s), "r"(r[0]),
+               "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+#else
+  (void)row_addr, (void)r;
+  __trap();
+#endif
+}
+
 // Keeps the compiler from moving reads or writes of d across the surrounding wgmma fence / wait.
 template <int N>
 __device__ __forceinline__ void fence_operand(float (&d)[N][4]) {

@@ -7,9 +7,10 @@
 //                       Vn^T = U^T - X;      S^T = e^gC S^T + (Vn^T diag(kd)) K   (64 x KP, B = K  "mn-major")
 //   backward, chunk c:  Y = dS^T K^T;        dVn^T = (P^T dO)^T + diag(kd) Y
 //                       dS^T = e^gC dS^T + (dO^T diag(s e^gamma)) Q - dVn^T W      (64 x KP, B = Q, W  "mn-major")
-// Per chunk one block barrier and two wgmma groups; the state stores (h_c / dh_c) and the gate scan run while the
-// first group is on the tensor cores. Against the mma.sync passes: the tile's B fragments are read from shared
-// memory once per block instead of once per warp, and a k-step is one instruction for the warpgroup.
+// Per chunk two block barriers and two wgmma groups; the update of chunk c overlaps the wait for chunk c + 1's tiles
+// and its gate scan, the first product overlaps the state store. The state slices and Vn / dVn leave through a
+// per-warp staging area (stmatrix, then 16-byte stores). Against the mma.sync passes: the tiles' B fragments are
+// read from shared memory once per block instead of once per warp, and a k-step is one instruction a warpgroup.
 #pragma once
 #include "common/wgmma.cuh"
 #include "delta_rule/state_mma.cuh"
@@ -19,9 +20,10 @@ namespace linflow::delta_rule {
 constexpr int kWgColumns = 64;  // state columns a block (4 warps x 16)
 
 template <int KP, typename T>
-struct StateWgSmem {  // per stage: X0..X2 (SW128, C x KP: W, K [, Q]), Y0, Y1 (C x 64, padded: U [, or dO, P^T dO]), g
-  T *X[3][2], *Y[2][2];
+struct StateWgSmem {  // per stage: X0..X2 (SW128, C x KP: W, K [, Q]), Y0, Y1 (C x 64, padded: U [, or dO, P^T dO]), g;
+  T *X[3][2], *Y[2][2];  // and each warp's staging rows for its 16 state columns (KP rows of 32 bytes)
   float* g[2];
+  T* stage;
   // Bytes from a 1024-aligned base; the launcher adds wgmma::kAlign for the kernel's own alignment of the base.
   __host__ __device__ static size_t carve(char* base, StateWgSmem* s, int nx, int ny) {
     SmemCarver sc{base};
@@ -32,6 +34,7 @@ struct StateWgSmem {  // per stage: X0..X2 (SW128, C x KP: W, K [, Q]), Y0, Y1 (
       for (int i = 0; i < ny; ++i) t.Y[i][b] = sc.take<T>(C * ld_h(kWgColumns));
       t.g[b] = sc.take<float>(C);
     }
+    t.stage = sc.take<T>(4 * KP * 16);
     if (s) *s = t;
     return sc.used;
   }
@@ -70,6 +73,44 @@ __device__ __forceinline__ void issue_rows_times(float (&acc)[KP / 8][4], const 
   }
 }
 
+// A warp's 16 state columns leave through its staging rows: NB A fragments (rows = the 16 columns, k-block i =
+// rows 16 i.. of the destination) are stored transposed, st[row][0..16), then copied out in 16-byte pieces to
+// dst[row * row_stride + 0..16) for row < rows, pieces beyond `cols` (the warp's valid columns, a multiple of 8)
+// skipped. Warp-private: __syncwarp only.
+template <int NB, typename T>
+__device__ __forceinline__ void store_columns(T* dst, int64_t row_stride, T* st, const uint32_t (&a)[NB][4], int rows,
+                                              int cols) {
+  const int lane = threadIdx.x % 32, m = lane / 8;
+  __syncwarp();  // the previous copy's reads of st are done
+#pragma unroll
+  for (int kb = 0; kb < NB; ++kb) wgmma::stmatrix_x4_trans(st + (16 * kb + 8 * (m / 2) + lane % 8) * 16 + 8 * (m % 2), a[kb]);
+  __syncwarp();
+#pragma unroll
+  for (int j = 0; j < NB; ++j) {
+    const int i = lane + 32 * j, r = i / 2, c = 8 * (i % 2);
+    if (r < rows && c < cols)
+      *reinterpret_cast<uint4*>(dst + r * row_stride + c) = *reinterpret_cast<const uint4*>(st + r * 16 + c);
+  }
+}
+
+// Where the vector path applies (16-byte stores of whole 8-column pieces): this warp's valid columns, else -1.
+__device__ __forceinline__ int warp_vector_cols(const StateBlock<4>& sb) {
+  return sb.vec_v ? max(0, min(16, sb.cols - 16 * sb.warp)) : -1;
+}
+
+// Fragments of the transposed 16-bit tile Y^T (rows: this warp's 16 columns; cols: the chunk's rows), as acc_to_a.
+template <typename T>
+__device__ __forceinline__ void tile_cols_to_a(uint32_t (&a)[C / 16][4], const T* Y, int warp) {
+#pragma unroll
+  for (int rb = 0; rb < C / 16; ++rb) mma::a_from_cols(a[rb], Y, ld_h(kWgColumns), 16 * warp, 16 * rb);
+}
+// Element (j, e) of accumulator-layout data held as A fragments (acc_to_a's packing).
+template <typename T>
+__device__ __forceinline__ float frag_at(const uint32_t (&a)[C / 16][4], int j, int e) {
+  const float2 f = mma::unpack2<T>(a[j / 2][2 * (j % 2) + e / 2]);
+  return (e & 1) ? f.y : f.x;
+}
+
 template <int KP, typename T>
 __global__ void __launch_bounds__(128) state_fwd_wg_kernel(FwdParams p) {
   constexpr int BV = kWgColumns, NT = 128, NK = KP / 8, NR = C / 8;
@@ -77,8 +118,10 @@ __global__ void __launch_bounds__(128) state_fwd_wg_kernel(FwdParams p) {
   StateWgSmem<KP, T> s;
   StateWgSmem<KP, T>::carve(align_smem(smem_raw), &s, 2, 1);
   const StateBlock<4> sb(p);
-  const int v0 = sb.v0, h = sb.h, n = sb.n, cols = sb.cols, ua = sb.ua, ub = sb.ub;
+  const int v0 = sb.v0, h = sb.h, n = sb.n, cols = sb.cols, ua = sb.ua, ub = sb.ub, warp = sb.warp;
   const int64_t H = p.H, K = p.K, V = p.V, bos = sb.bos, slot0 = sb.slot0, nc = sb.nc;
+  const int vcols = warp_vector_cols(sb);
+  T* stage = s.stage + warp * KP * 16;
   auto prefetch = [&](int64_t c) {
     const int b = c & 1, rows = sb.rows(c);
     const int64_t tok0 = bos + c * C;
@@ -94,25 +137,45 @@ __global__ void __launch_bounds__(128) state_fwd_wg_kernel(FwdParams p) {
   float S[NK][4];
   load_state(S, p.h0 ? p.h0 + (n * H + h) * K * V : nullptr, p.K, p.V, v0 + ua, v0 + ub);
   if (nc > 0) prefetch(0);
+  // Chunk c: the update of chunk c - 1 (second wgmma group) is still on the tensor cores while the block waits for
+  // chunk c's tiles and scans its gates; the first group (X = S^T W^T) runs while h_c is stored.
   for (int64_t c = 0; c < nc; ++c) {
     const int b = c & 1, rows = sb.rows(c);
     const int64_t tok0 = bos + c * C;
     tile::cp_async_wait<0>();
     wgmma::fence_proxy_async();  // the tiles cp.async wrote are read by the tensor cores
     __syncthreads();             // chunk c's tiles landed; every warp is done with chunk c - 1's buffer
-    if (c + 1 < nc) prefetch(c + 1);
-    const T *W = pick(s.X[0], b), *Kt = pick(s.X[1], b), *U = pick(s.Y[0], b);
-    uint32_t sa[KP / 16][4];
-    state_to_a<KP, T>(sa, S);
-    float X[NR][4];
-    issue_times_rows<KP, T>(X, sa, W);  // X = S^T W^T on the tensor cores while h_c and the gates are handled
-    store_state(static_cast<T*>(p.h) + ((slot0 + c) * H + h) * K * V, S, p.K, p.V, v0 + ua, v0 + ub);
     RowGates gt;
     gt.load(p.g ? pick(s.g, b) : nullptr);
+    wgmma::wait<0>();  // S: the state after chunk c - 1
+    wgmma::fence_operand(S);
+    __syncthreads();   // every warp's share of that update has read its K tile: buffer b ^ 1 is free
+    if (c + 1 < nc) prefetch(c + 1);
+    uint32_t sa[KP / 16][4];
+    state_to_a<KP, T>(sa, S);
+    T* h_dst = static_cast<T*>(p.h) + ((slot0 + c) * H + h) * K * V;
+    if (vcols >= 0) store_columns<KP / 16>(h_dst + v0 + 16 * warp, V, stage, sa, p.K, vcols);  // h_c = S
+    float X[NR][4];
+    issue_times_rows<KP, T>(X, sa, pick(s.X[0], b));  // X = S^T W^T
+    if (vcols < 0) store_state(h_dst, S, p.K, p.V, v0 + ua, v0 + ub);
+    uint32_t ua_frag[C / 16][4];  // U^T, this warp's columns
+    tile_cols_to_a<T>(ua_frag, pick(s.Y[0], b), warp);
     wgmma::wait<0>();
     wgmma::fence_operand(X);
-    combine_rows<BV, T>(X, U, static_cast<T*>(p.vn) + (tok0 * H + h) * V + v0, H * V, ua, ub, rows, cols,
-                        [](float u, float ws, int, int) { return u - ws; });  // Vn^T = U^T - S^T W^T
+#pragma unroll
+    for (int j = 0; j < NR; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) X[j][e] = frag_at<T>(ua_frag, j, e) - X[j][e];  // Vn^T = U^T - S^T W^T
+    T* vn_dst = static_cast<T*>(p.vn) + (tok0 * H + h) * V + v0;
+    if (vcols >= 0) {
+      uint32_t vf[C / 16][4];
+#pragma unroll
+      for (int rb = 0; rb < C / 16; ++rb) mma::acc_to_a<T>(vf[rb], X, rb);
+      store_columns<C / 16>(vn_dst + 16 * warp, H * V, stage, vf, rows, vcols);
+    } else {
+      combine_rows<BV, T>(X, pick(s.Y[0], b), vn_dst, H * V, ua, ub, rows, cols,
+                          [](float, float vn, int, int) { return vn; });
+    }
     uint32_t va[C / 16][4];
 #pragma unroll
     for (int rb = 0; rb < C / 16; ++rb) mma::acc_to_a_scaled<T>(va[rb], X, gt.kd, rb);
@@ -121,11 +184,11 @@ __global__ void __launch_bounds__(128) state_fwd_wg_kernel(FwdParams p) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) S[j][e] *= gt.eC;
     wgmma::fence();
-    issue_rows_times<KP, T>(S, va, Kt);  // S^T += (Vn^T diag(kd)) K
+    issue_rows_times<KP, T>(S, va, pick(s.X[1], b));  // S^T += (Vn^T diag(kd)) K
     wgmma::commit();
-    wgmma::wait<0>();
-    wgmma::fence_operand(S);
   }
+  wgmma::wait<0>();
+  wgmma::fence_operand(S);
   if (p.ht) store_state(p.ht + (n * H + h) * K * V, S, p.K, p.V, v0 + ua, v0 + ub);
 }
 
@@ -139,6 +202,8 @@ __global__ void __launch_bounds__(128) state_bwd_wg_kernel(BwdParams bp) {
   const StateBlock<4> sb(p);
   const int v0 = sb.v0, h = sb.h, n = sb.n, cols = sb.cols, ua = sb.ua, ub = sb.ub, warp = sb.warp;
   const int64_t H = p.H, K = p.K, V = p.V, bos = sb.bos, slot0 = sb.slot0, nc = sb.nc;
+  const int vcols = warp_vector_cols(sb);
+  T* stage = s.stage + warp * KP * 16;
   auto prefetch = [&](int64_t c) {
     const int b = c & 1, rows = sb.rows(c);
     const int64_t tok0 = bos + c * C;
@@ -158,37 +223,56 @@ __global__ void __launch_bounds__(128) state_bwd_wg_kernel(BwdParams bp) {
   float dS[NK][4];
   load_state(dS, bp.dht ? bp.dht + (n * H + h) * K * V : nullptr, p.K, p.V, v0 + ua, v0 + ub);
   if (nc > 0) prefetch(nc - 1);
+  // Chunk c (descending): as the forward, the update of chunk c + 1 overlaps the wait for chunk c's tiles, the
+  // gate scan and the dO / P^T dO fragment loads; Y = dS^T K^T overlaps the store of dh_c.
   for (int64_t c = nc - 1; c >= 0; --c) {
     const int b = c & 1, rows = sb.rows(c);
     const int64_t tok0 = bos + c * C;
     tile::cp_async_wait<0>();
     wgmma::fence_proxy_async();
     __syncthreads();
-    if (c > 0) prefetch(c - 1);
-    const T *W = pick(s.X[0], b), *Kt = pick(s.X[1], b), *Q = pick(s.X[2], b);
-    const T *dO = pick(s.Y[0], b), *dvl = pick(s.Y[1], b);
-    uint32_t sa[KP / 16][4];
-    state_to_a<KP, T>(sa, dS);
-    float Y[NR][4];
-    issue_times_rows<KP, T>(Y, sa, Kt);  // Y = dS^T K^T
-    store_state(static_cast<T*>(bp.dh) + ((slot0 + c) * H + h) * K * V, dS, p.K, p.V, v0 + ua, v0 + ub);
     RowGates gt;
     gt.load(p.g ? pick(s.g, b) : nullptr);
+    uint32_t dof[C / 16][4];  // dO^T
+    tile_cols_to_a<T>(dof, pick(s.Y[0], b), warp);
+    wgmma::wait<0>();  // dS: after chunk c + 1 (and the A registers of that update are free)
+    wgmma::fence_operand(dS);
+    __syncthreads();   // every warp's share of that update has read its Q / W tiles: buffer b ^ 1 is free
+    if (c > 0) prefetch(c - 1);
     uint32_t da[C / 16][4];  // dO^T diag(s e^gamma): columns r = 16 rb + 8 (i / 2) + 2 t (+1)
 #pragma unroll
-    for (int rb = 0; rb < C / 16; ++rb) {
-      mma::a_from_cols(da[rb], dO, ld_h(BV), 16 * warp, 16 * rb);
+    for (int rb = 0; rb < C / 16; ++rb)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const float2 f = mma::unpack2<T>(da[rb][i]);
+        const float2 f = mma::unpack2<T>(dof[rb][i]);
         const int j = 2 * rb + i / 2;
         da[rb][i] = mma::pack2<T>(f.x * p.scale * gt.eg[j][0], f.y * p.scale * gt.eg[j][1]);
       }
-    }
+    uint32_t sa[KP / 16][4];
+    state_to_a<KP, T>(sa, dS);
+    T* dh_dst = static_cast<T*>(bp.dh) + ((slot0 + c) * H + h) * K * V;
+    if (vcols >= 0) store_columns<KP / 16>(dh_dst + v0 + 16 * warp, V, stage, sa, p.K, vcols);  // dh_c = dS
+    float Y[NR][4];
+    issue_times_rows<KP, T>(Y, sa, pick(s.X[1], b));  // Y = dS^T K^T
+    if (vcols < 0) store_state(dh_dst, dS, p.K, p.V, v0 + ua, v0 + ub);
+    uint32_t pf[C / 16][4];  // (P^T dO)^T
+    tile_cols_to_a<T>(pf, pick(s.Y[1], b), warp);
     wgmma::wait<0>();
     wgmma::fence_operand(Y);
-    combine_rows<BV, T>(Y, dvl, static_cast<T*>(bp.dvn) + (tok0 * H + h) * V + v0, H * V, ua, ub, rows, cols,
-                        [&](float pdo, float y, int j, int e) { return pdo + gt.kd[j][e & 1] * y; });
+#pragma unroll
+    for (int j = 0; j < NR; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) Y[j][e] = frag_at<T>(pf, j, e) + gt.kd[j][e & 1] * Y[j][e];  // dVn^T
+    T* dvn_dst = static_cast<T*>(bp.dvn) + (tok0 * H + h) * V + v0;
+    if (vcols >= 0) {
+      uint32_t df[C / 16][4];
+#pragma unroll
+      for (int rb = 0; rb < C / 16; ++rb) mma::acc_to_a<T>(df[rb], Y, rb);
+      store_columns<C / 16>(dvn_dst + 16 * warp, H * V, stage, df, rows, vcols);
+    } else {
+      combine_rows<BV, T>(Y, pick(s.Y[1], b), dvn_dst, H * V, ua, ub, rows, cols,
+                          [](float, float dvn, int, int) { return dvn; });
+    }
     uint32_t na[C / 16][4];  // -dVn^T
 #pragma unroll
     for (int rb = 0; rb < C / 16; ++rb) {
@@ -201,12 +285,12 @@ __global__ void __launch_bounds__(128) state_bwd_wg_kernel(BwdParams bp) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) dS[j][e] *= gt.eC;
     wgmma::fence();
-    issue_rows_times<KP, T>(dS, da, Q);  // dS^T += dO^T Qg
-    issue_rows_times<KP, T>(dS, na, W);  // dS^T -= dVn^T W
+    issue_rows_times<KP, T>(dS, da, pick(s.X[2], b));  // dS^T += dO^T Qg
+    issue_rows_times<KP, T>(dS, na, pick(s.X[0], b));  // dS^T -= dVn^T W
     wgmma::commit();
-    wgmma::wait<0>();
-    wgmma::fence_operand(dS);
   }
+  wgmma::wait<0>();
+  wgmma::fence_operand(dS);
   if (bp.dh0) store_state(bp.dh0 + (n * H + h) * K * V, dS, p.K, p.V, v0 + ua, v0 + ub);
 }
 
