@@ -57,6 +57,17 @@ bool use_wgmma_state(const FwdParams& p) {
 #endif
 }
 
+int multiprocessors() {
+  static const int n = [] {
+    int dev = 0, sms = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) !=
+                                                    cudaSuccess)
+      return 0;
+    return sms;
+  }();
+  return n;
+}
+
 template <typename F>
 cudaError_t with_head_tiles(int64_t K, F&& f) {
   if (K <= 64) return f(std::integral_constant<int, 64>{}, std::integral_constant<int, 64>{});
@@ -74,9 +85,15 @@ cudaError_t forward(FwdParams& p, int64_t slots, int64_t N, bool want_output, cu
     if (err != cudaSuccess) return err;
     if constexpr (KP <= 128) {
       if (use_wgmma_state(p)) {
+        // Three stages (one block a multiprocessor) where the grid leaves multiprocessors idle, else two (two).
         const unsigned nvw = static_cast<unsigned>((p.V + kWgColumns - 1) / kWgColumns);
-        err = launch(state_fwd_wg_kernel<KP, T>, dim3(nvw, H, static_cast<unsigned>(N)),
-                     StateWgSmem<KP, T>::carve(nullptr, nullptr, 2, 1) + wgmma::kAlign, p, stream, 128);
+        const dim3 grid(nvw, H, static_cast<unsigned>(N));
+        if (static_cast<int64_t>(nvw) * H * N <= multiprocessors())
+          err = launch(state_fwd_wg_kernel<KP, 3, T>, grid, StateWgSmem<KP, 3, T>::carve(nullptr, nullptr, 2, 1) +
+                       wgmma::kAlign, p, stream, 128);
+        else
+          err = launch(state_fwd_wg_kernel<KP, 2, T>, grid, StateWgSmem<KP, 2, T>::carve(nullptr, nullptr, 2, 1) +
+                       wgmma::kAlign, p, stream, 128);
       } else {
         err = with_state_warps(p.V, 4, p.state_warps, [&](auto nw) {
           constexpr int NW = decltype(nw)::value;
@@ -109,8 +126,8 @@ cudaError_t backward(BwdParams& b, int64_t slots, int64_t N, cudaStream_t stream
       if (err != cudaSuccess) return err;
       if (use_wgmma_state(b.f)) {
         const unsigned nvw = static_cast<unsigned>((b.f.V + kWgColumns - 1) / kWgColumns);
-        err = launch(state_bwd_wg_kernel<KP, T>, dim3(nvw, H, static_cast<unsigned>(N)),
-                     StateWgSmem<KP, T>::carve(nullptr, nullptr, 3, 2) + wgmma::kAlign, b, stream, 128);
+        err = launch(state_bwd_wg_kernel<KP, 2, T>, dim3(nvw, H, static_cast<unsigned>(N)),
+                     StateWgSmem<KP, 2, T>::carve(nullptr, nullptr, 3, 2) + wgmma::kAlign, b, stream, 128);
       } else {
         err = with_state_warps(b.f.V, 4, b.f.state_warps, [&](auto nw) {
           constexpr int NW = decltype(nw)::value;

@@ -2,7 +2,8 @@
 // state_mma.cuh). A block is one warpgroup owning a 64-column slice of the K x V state of one (sequence, head):
 // warp w keeps state columns 16 w.. transposed, S^T (16 x KP fp32), in registers for the whole sequence, which is
 // exactly the wgmma accumulator layout of a 64 x KP product, and packs it to the A operand of the next product.
-// B operands are the chunk's W / K / Q tiles, streamed by cp.async (two stages) into the SW128 layout:
+// B operands are the chunk's W / K / Q tiles, streamed by cp.async (ST stages: 3 where one block a multiprocessor
+// leaves the room, the loads then run two chunks ahead) into the SW128 layout:
 //   forward,  chunk c:  X = S^T W^T          (64 x C,  B = W  "k-major", KP / 16 k-steps)
 //                       Vn^T = U^T - X;      S^T = e^gC S^T + (Vn^T diag(kd)) K   (64 x KP, B = K  "mn-major")
 //   backward, chunk c:  Y = dS^T K^T;        dVn^T = (P^T dO)^T + diag(kd) Y
@@ -19,18 +20,18 @@ namespace linflow::delta_rule {
 
 constexpr int kWgColumns = 64;  // state columns a block (4 warps x 16)
 
-template <int KP, typename T>
+template <int KP, int ST, typename T>
 struct StateWgSmem {  // per stage: X0..X2 (SW128, C x KP: W, K [, Q]), Y0, Y1 (C x 64, padded: U [, or dO, P^T dO]), g;
-  T *X[3][2], *Y[2][2];  // and each warp's staging rows for its 16 state columns (KP rows of 32 bytes)
-  float* g[2];
+  T *X[3][3], *Y[2][3];  // and each warp's staging rows for its 16 state columns (KP rows of 32 bytes)
+  float* g[3];
   T* stage;
   // Bytes from a 1024-aligned base; the launcher adds wgmma::kAlign for the kernel's own alignment of the base.
   __host__ __device__ static size_t carve(char* base, StateWgSmem* s, int nx, int ny) {
     SmemCarver sc{base};
     StateWgSmem t{};
-    for (int b = 0; b < 2; ++b)
+    for (int b = 0; b < ST; ++b)
       for (int i = 0; i < nx; ++i) t.X[i][b] = sc.take<T>(C * KP);  // multiples of 1024 bytes: stay aligned
-    for (int b = 0; b < 2; ++b) {
+    for (int b = 0; b < ST; ++b) {
       for (int i = 0; i < ny; ++i) t.Y[i][b] = sc.take<T>(C * ld_h(kWgColumns));
       t.g[b] = sc.take<float>(C);
     }
@@ -39,6 +40,10 @@ struct StateWgSmem {  // per stage: X0..X2 (SW128, C x KP: W, K [, Q]), Y0, Y1 (
     return sc.used;
   }
 };
+
+// Stage pick without a run-time array index (which would put the pointer array in local memory).
+template <typename X>
+__device__ __forceinline__ X* pick3(X* const (&buf)[3], int b) { return b == 0 ? buf[0] : (b == 1 ? buf[1] : buf[2]); }
 
 __device__ __forceinline__ char* align_smem(char* p) {
   return reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(p) + wgmma::kAlign - 1) & ~uintptr_t(wgmma::kAlign - 1));
@@ -111,55 +116,58 @@ __device__ __forceinline__ float frag_at(const uint32_t (&a)[C / 16][4], int j, 
   return (e & 1) ? f.y : f.x;
 }
 
-template <int KP, typename T>
+template <int KP, int ST, typename T>
 __global__ void __launch_bounds__(128) state_fwd_wg_kernel(FwdParams p) {
   constexpr int BV = kWgColumns, NT = 128, NK = KP / 8, NR = C / 8;
   extern __shared__ __align__(128) char smem_raw[];
-  StateWgSmem<KP, T> s;
-  StateWgSmem<KP, T>::carve(align_smem(smem_raw), &s, 2, 1);
+  StateWgSmem<KP, ST, T> s;
+  StateWgSmem<KP, ST, T>::carve(align_smem(smem_raw), &s, 2, 1);
   const StateBlock<4> sb(p);
   const int v0 = sb.v0, h = sb.h, n = sb.n, cols = sb.cols, ua = sb.ua, ub = sb.ub, warp = sb.warp;
   const int64_t H = p.H, K = p.K, V = p.V, bos = sb.bos, slot0 = sb.slot0, nc = sb.nc;
   const int vcols = warp_vector_cols(sb);
   T* stage = s.stage + warp * KP * 16;
-  auto prefetch = [&](int64_t c) {
-    const int b = c & 1, rows = sb.rows(c);
-    const int64_t tok0 = bos + c * C;
-    wgmma::fetch_tile_sw128<C, KP, T, NT>(pick(s.X[0], b), static_cast<const T*>(p.w) + (tok0 * H + h) * K, H * K, rows,
-                                          p.K, p.vec_k);
-    wgmma::fetch_tile_sw128<C, KP, T, NT>(pick(s.X[1], b), static_cast<const T*>(p.k) + (tok0 * H + h) * K, H * K, rows,
-                                          p.K, p.vec_k);
-    tile::fetch_tile<C, BV, T, NT>(pick(s.Y[0], b), static_cast<const T*>(p.u) + (tok0 * H + h) * V + v0, H * V, rows,
-                                   cols, sb.vec_v);
-    if (p.g) tile::fetch_column<C, NT>(pick(s.g, b), p.g + tok0 * H + h, H, rows);
+  auto prefetch = [&](int64_t c) {  // chunk c into stage c % ST; a (possibly empty) commit group every call
+    if (c < nc) {
+      const int b = static_cast<int>(c % ST), rows = sb.rows(c);
+      const int64_t tok0 = bos + c * C;
+      wgmma::fetch_tile_sw128<C, KP, T, NT>(pick3(s.X[0], b), static_cast<const T*>(p.w) + (tok0 * H + h) * K, H * K,
+                                            rows, p.K, p.vec_k);
+      wgmma::fetch_tile_sw128<C, KP, T, NT>(pick3(s.X[1], b), static_cast<const T*>(p.k) + (tok0 * H + h) * K, H * K,
+                                            rows, p.K, p.vec_k);
+      tile::fetch_tile<C, BV, T, NT>(pick3(s.Y[0], b), static_cast<const T*>(p.u) + (tok0 * H + h) * V + v0, H * V,
+                                     rows, cols, sb.vec_v);
+      if (p.g) tile::fetch_column<C, NT>(pick3(s.g, b), p.g + tok0 * H + h, H, rows);
+    }
     tile::cp_async_commit();
   };
   float S[NK][4];
   load_state(S, p.h0 ? p.h0 + (n * H + h) * K * V : nullptr, p.K, p.V, v0 + ua, v0 + ub);
-  if (nc > 0) prefetch(0);
+#pragma unroll
+  for (int i = 0; i < ST - 1; ++i) prefetch(i);
   // Chunk c: the update of chunk c - 1 (second wgmma group) is still on the tensor cores while the block waits for
   // chunk c's tiles and scans its gates; the first group (X = S^T W^T) runs while h_c is stored.
   for (int64_t c = 0; c < nc; ++c) {
-    const int b = c & 1, rows = sb.rows(c);
+    const int b = static_cast<int>(c % ST), rows = sb.rows(c);
     const int64_t tok0 = bos + c * C;
-    tile::cp_async_wait<0>();
+    tile::cp_async_wait<ST - 2>();
     wgmma::fence_proxy_async();  // the tiles cp.async wrote are read by the tensor cores
     __syncthreads();             // chunk c's tiles landed; every warp is done with chunk c - 1's buffer
     RowGates gt;
-    gt.load(p.g ? pick(s.g, b) : nullptr);
+    gt.load(p.g ? pick3(s.g, b) : nullptr);
     wgmma::wait<0>();  // S: the state after chunk c - 1
     wgmma::fence_operand(S);
-    __syncthreads();   // every warp's share of that update has read its K tile: buffer b ^ 1 is free
-    if (c + 1 < nc) prefetch(c + 1);
+    __syncthreads();   // every warp's share of that update has read its K tile: chunk c - 1's stage is free
+    prefetch(c + ST - 1);
     uint32_t sa[KP / 16][4];
     state_to_a<KP, T>(sa, S);
     T* h_dst = static_cast<T*>(p.h) + ((slot0 + c) * H + h) * K * V;
     if (vcols >= 0) store_columns<KP / 16>(h_dst + v0 + 16 * warp, V, stage, sa, p.K, vcols);  // h_c = S
     float X[NR][4];
-    issue_times_rows<KP, T>(X, sa, pick(s.X[0], b));  // X = S^T W^T
+    issue_times_rows<KP, T>(X, sa, pick3(s.X[0], b));  // X = S^T W^T
     if (vcols < 0) store_state(h_dst, S, p.K, p.V, v0 + ua, v0 + ub);
     uint32_t ua_frag[C / 16][4];  // U^T, this warp's columns
-    tile_cols_to_a<T>(ua_frag, pick(s.Y[0], b), warp);
+    tile_cols_to_a<T>(ua_frag, pick3(s.Y[0], b), warp);
     wgmma::wait<0>();
     wgmma::fence_operand(X);
 #pragma unroll
@@ -173,7 +181,7 @@ __global__ void __launch_bounds__(128) state_fwd_wg_kernel(FwdParams p) {
       for (int rb = 0; rb < C / 16; ++rb) mma::acc_to_a<T>(vf[rb], X, rb);
       store_columns<C / 16>(vn_dst + 16 * warp, H * V, stage, vf, rows, vcols);
     } else {
-      combine_rows<BV, T>(X, pick(s.Y[0], b), vn_dst, H * V, ua, ub, rows, cols,
+      combine_rows<BV, T>(X, pick3(s.Y[0], b), vn_dst, H * V, ua, ub, rows, cols,
                           [](float, float vn, int, int) { return vn; });
     }
     uint32_t va[C / 16][4];
@@ -184,7 +192,7 @@ __global__ void __launch_bounds__(128) state_fwd_wg_kernel(FwdParams p) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) S[j][e] *= gt.eC;
     wgmma::fence();
-    issue_rows_times<KP, T>(S, va, pick(s.X[1], b));  // S^T += (Vn^T diag(kd)) K
+    issue_rows_times<KP, T>(S, va, pick3(s.X[1], b));  // S^T += (Vn^T diag(kd)) K
     wgmma::commit();
   }
   wgmma::wait<0>();
@@ -192,53 +200,56 @@ __global__ void __launch_bounds__(128) state_fwd_wg_kernel(FwdParams p) {
   if (p.ht) store_state(p.ht + (n * H + h) * K * V, S, p.K, p.V, v0 + ua, v0 + ub);
 }
 
-template <int KP, typename T>
+template <int KP, int ST, typename T>
 __global__ void __launch_bounds__(128) state_bwd_wg_kernel(BwdParams bp) {
   constexpr int BV = kWgColumns, NT = 128, NK = KP / 8, NR = C / 8;
   extern __shared__ __align__(128) char smem_raw[];
   const FwdParams& p = bp.f;
-  StateWgSmem<KP, T> s;
-  StateWgSmem<KP, T>::carve(align_smem(smem_raw), &s, 3, 2);
+  StateWgSmem<KP, ST, T> s;
+  StateWgSmem<KP, ST, T>::carve(align_smem(smem_raw), &s, 3, 2);
   const StateBlock<4> sb(p);
   const int v0 = sb.v0, h = sb.h, n = sb.n, cols = sb.cols, ua = sb.ua, ub = sb.ub, warp = sb.warp;
   const int64_t H = p.H, K = p.K, V = p.V, bos = sb.bos, slot0 = sb.slot0, nc = sb.nc;
   const int vcols = warp_vector_cols(sb);
   T* stage = s.stage + warp * KP * 16;
-  auto prefetch = [&](int64_t c) {
-    const int b = c & 1, rows = sb.rows(c);
-    const int64_t tok0 = bos + c * C;
-    wgmma::fetch_tile_sw128<C, KP, T, NT>(pick(s.X[0], b), static_cast<const T*>(p.w) + (tok0 * H + h) * K, H * K, rows,
-                                          p.K, p.vec_k);
-    wgmma::fetch_tile_sw128<C, KP, T, NT>(pick(s.X[1], b), static_cast<const T*>(p.k) + (tok0 * H + h) * K, H * K, rows,
-                                          p.K, p.vec_k);
-    wgmma::fetch_tile_sw128<C, KP, T, NT>(pick(s.X[2], b), static_cast<const T*>(p.q) + (tok0 * H + h) * K, H * K, rows,
-                                          p.K, p.vec_k);
-    tile::fetch_tile<C, BV, T, NT>(pick(s.Y[0], b), static_cast<const T*>(bp.dout) + (tok0 * H + h) * V + v0, H * V,
-                                   rows, cols, sb.vec_v);
-    tile::fetch_tile<C, BV, T, NT>(pick(s.Y[1], b), static_cast<const T*>(bp.dvl) + (tok0 * H + h) * V + v0, H * V,
-                                   rows, cols, sb.vec_v);
-    if (p.g) tile::fetch_column<C, NT>(pick(s.g, b), p.g + tok0 * H + h, H, rows);
+  auto prefetch = [&](int64_t c) {  // chunk c into stage c % ST; a (possibly empty) commit group every call
+    if (c >= 0) {
+      const int b = static_cast<int>(c % ST), rows = sb.rows(c);
+      const int64_t tok0 = bos + c * C;
+      wgmma::fetch_tile_sw128<C, KP, T, NT>(pick3(s.X[0], b), static_cast<const T*>(p.w) + (tok0 * H + h) * K, H * K,
+                                            rows, p.K, p.vec_k);
+      wgmma::fetch_tile_sw128<C, KP, T, NT>(pick3(s.X[1], b), static_cast<const T*>(p.k) + (tok0 * H + h) * K, H * K,
+                                            rows, p.K, p.vec_k);
+      wgmma::fetch_tile_sw128<C, KP, T, NT>(pick3(s.X[2], b), static_cast<const T*>(p.q) + (tok0 * H + h) * K, H * K,
+                                            rows, p.K, p.vec_k);
+      tile::fetch_tile<C, BV, T, NT>(pick3(s.Y[0], b), static_cast<const T*>(bp.dout) + (tok0 * H + h) * V + v0, H * V,
+                                     rows, cols, sb.vec_v);
+      tile::fetch_tile<C, BV, T, NT>(pick3(s.Y[1], b), static_cast<const T*>(bp.dvl) + (tok0 * H + h) * V + v0, H * V,
+                                     rows, cols, sb.vec_v);
+      if (p.g) tile::fetch_column<C, NT>(pick3(s.g, b), p.g + tok0 * H + h, H, rows);
+    }
     tile::cp_async_commit();
   };
   float dS[NK][4];
   load_state(dS, bp.dht ? bp.dht + (n * H + h) * K * V : nullptr, p.K, p.V, v0 + ua, v0 + ub);
-  if (nc > 0) prefetch(nc - 1);
+#pragma unroll
+  for (int i = 0; i < ST - 1; ++i) prefetch(nc - 1 - i);
   // Chunk c (descending): as the forward, the update of chunk c + 1 overlaps the wait for chunk c's tiles, the
   // gate scan and the dO / P^T dO fragment loads; Y = dS^T K^T overlaps the store of dh_c.
   for (int64_t c = nc - 1; c >= 0; --c) {
-    const int b = c & 1, rows = sb.rows(c);
+    const int b = static_cast<int>(c % ST), rows = sb.rows(c);
     const int64_t tok0 = bos + c * C;
-    tile::cp_async_wait<0>();
+    tile::cp_async_wait<ST - 2>();
     wgmma::fence_proxy_async();
     __syncthreads();
     RowGates gt;
-    gt.load(p.g ? pick(s.g, b) : nullptr);
+    gt.load(p.g ? pick3(s.g, b) : nullptr);
     uint32_t dof[C / 16][4];  // dO^T
-    tile_cols_to_a<T>(dof, pick(s.Y[0], b), warp);
+    tile_cols_to_a<T>(dof, pick3(s.Y[0], b), warp);
     wgmma::wait<0>();  // dS: after chunk c + 1 (and the A registers of that update are free)
     wgmma::fence_operand(dS);
-    __syncthreads();   // every warp's share of that update has read its Q / W tiles: buffer b ^ 1 is free
-    if (c > 0) prefetch(c - 1);
+    __syncthreads();   // every warp's share of that update has read its Q / W tiles: chunk c + 1's stage is free
+    prefetch(c - (ST - 1));
     uint32_t da[C / 16][4];  // dO^T diag(s e^gamma): columns r = 16 rb + 8 (i / 2) + 2 t (+1)
 #pragma unroll
     for (int rb = 0; rb < C / 16; ++rb)
@@ -253,10 +264,10 @@ __global__ void __launch_bounds__(128) state_bwd_wg_kernel(BwdParams bp) {
     T* dh_dst = static_cast<T*>(bp.dh) + ((slot0 + c) * H + h) * K * V;
     if (vcols >= 0) store_columns<KP / 16>(dh_dst + v0 + 16 * warp, V, stage, sa, p.K, vcols);  // dh_c = dS
     float Y[NR][4];
-    issue_times_rows<KP, T>(Y, sa, pick(s.X[1], b));  // Y = dS^T K^T
+    issue_times_rows<KP, T>(Y, sa, pick3(s.X[1], b));  // Y = dS^T K^T
     if (vcols < 0) store_state(dh_dst, dS, p.K, p.V, v0 + ua, v0 + ub);
     uint32_t pf[C / 16][4];  // (P^T dO)^T
-    tile_cols_to_a<T>(pf, pick(s.Y[1], b), warp);
+    tile_cols_to_a<T>(pf, pick3(s.Y[1], b), warp);
     wgmma::wait<0>();
     wgmma::fence_operand(Y);
 #pragma unroll
@@ -270,7 +281,7 @@ __global__ void __launch_bounds__(128) state_bwd_wg_kernel(BwdParams bp) {
       for (int rb = 0; rb < C / 16; ++rb) mma::acc_to_a<T>(df[rb], Y, rb);
       store_columns<C / 16>(dvn_dst + 16 * warp, H * V, stage, df, rows, vcols);
     } else {
-      combine_rows<BV, T>(Y, pick(s.Y[1], b), dvn_dst, H * V, ua, ub, rows, cols,
+      combine_rows<BV, T>(Y, pick3(s.Y[1], b), dvn_dst, H * V, ua, ub, rows, cols,
                           [](float, float dvn, int, int) { return dvn; });
     }
     uint32_t na[C / 16][4];  // -dVn^T
@@ -285,8 +296,8 @@ __global__ void __launch_bounds__(128) state_bwd_wg_kernel(BwdParams bp) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) dS[j][e] *= gt.eC;
     wgmma::fence();
-    issue_rows_times<KP, T>(dS, da, pick(s.X[2], b));  // dS^T += dO^T Qg
-    issue_rows_times<KP, T>(dS, na, pick(s.X[0], b));  // dS^T -= dVn^T W
+    issue_rows_times<KP, T>(dS, da, pick3(s.X[2], b));  // dS^T += dO^T Qg
+    issue_rows_times<KP, T>(dS, na, pick3(s.X[0], b));  // dS^T -= dVn^T W
     wgmma::commit();
   }
   wgmma::wait<0>();
