@@ -48,6 +48,16 @@ bool state_mma_sync() {
   return v;
 }
 
+// LINFLOW_STEP_KERNEL=v2 runs the decode step's variant step_kernel_v2 where it covers the shape (A/B against the
+// default step_kernel). Read once.
+bool step_kernel_v2() {
+  static const bool v = [] {
+    const char* e = std::getenv("LINFLOW_STEP_KERNEL");
+    return e != nullptr && std::string(e) == "v2";
+  }();
+  return v;
+}
+
 // Inputs converted for the kernels (contiguous q/k/v, fp32 beta/g/h0, int64 cu_seqlens) and the recomputation
 // buffers w, u, vn, h.
 struct Prepared {
@@ -211,6 +221,7 @@ Tensor step_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
   p.beta_kind = float_kind("beta", beta.scalar_type());
   p.g_kind = gated ? float_kind("g", g->scalar_type()) : FloatKind::f32;
   p.vec_state = V % 4 == 0 && reinterpret_cast<uintptr_t>(p.state) % 16 == 0;
+  p.v2 = step_kernel_v2();
 
   C10_CUDA_CHECK(launch_step(p, float_kind("q", q.scalar_type()), blocks, at::cuda::getCurrentCUDAStream()));
   return o;

@@ -53,6 +53,7 @@ struct StepParams {
   FloatKind beta_kind, g_kind;
   bool idx64;
   bool vec_state;            // 16-byte state accesses: V % 4 == 0 and a 16-byte aligned state pointer
+  bool v2;                   // LINFLOW_STEP_KERNEL=v2: step_kernel_v2 where it covers the shape (step_kernel_v2.cuh)
 };
 
 // Chunk forward: wy_fwd, state_fwd and (want_output) output_fwd. q, k, v bf16 or fp16; K <= 256.
@@ -61,7 +62,7 @@ cudaError_t launch_chunk_forward(FwdParams& p, Elem e, int64_t slots, int64_t N,
 cudaError_t launch_chunk_backward(BwdParams& b, Elem e, int64_t slots, int64_t N, cudaStream_t s);
 constexpr int kStepColumns = 32;  // state columns per decode-step block
 
-// Decode step over `blocks` = ceil(V / 32) * H * B blocks.
+// Decode step over `blocks` = ceil(V / 32) * H * B blocks (p.v2: step_kernel_v2 sizes its own, fewer, blocks).
 cudaError_t launch_step(const StepParams& p, Elem e, int64_t blocks, cudaStream_t s);
 
 }  // namespace linflow::delta_rule

@@ -1,16 +1,43 @@
 // Delta rule decode step on CUDA: the launcher of step_kernel (step_kernel.cuh). Template parameters: q's dtype and
-// the rows per thread R (head dim K <= 32 R): 12 instantiations. Checks and the params struct: cuda_host.cpp.
+// the rows per thread R (head dim K <= 32 R): 12 instantiations. With p.v2 (LINFLOW_STEP_KERNEL=v2) the shapes
+// step2::covers runs step_kernel_v2 (step_kernel_v2.cuh): lanes a row LC x rows a thread R, 6 pairs x 3 dtypes.
+// Checks and the params struct: cuda_host.cpp.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include "delta_rule/launch.h"
 #include "delta_rule/step_kernel.cuh"
+#include "delta_rule/step_kernel_v2.cuh"
 
 namespace linflow::delta_rule {
 namespace {
 
+// step_kernel_v2: one block per (128- or 64-column tile, head, batch row).
+template <typename T>
+cudaError_t launch_v2(const StepParams& p, cudaStream_t stream) {
+  const int LC = step2::lanes_per_row(p.K, p.V), R = step2::rows_per_thread(p.K, LC);
+  const int64_t blocks = static_cast<int64_t>((p.V + 4 * LC - 1) / (4 * LC)) * p.H * p.B;
+  auto run = [&](auto kernel) {
+    kernel<<<static_cast<unsigned>(blocks), step2::kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  };
+  if (LC == 32) {
+    switch (R) {
+      case 4: return run(step_kernel_v2<32, 4, T>);
+      case 8: return run(step_kernel_v2<32, 8, T>);
+      default: return run(step_kernel_v2<32, 16, T>);
+    }
+  }
+  switch (R) {
+    case 4: return run(step_kernel_v2<16, 4, T>);
+    case 8: return run(step_kernel_v2<16, 8, T>);
+    default: return run(step_kernel_v2<16, 16, T>);
+  }
+}
+
 template <typename T>
 cudaError_t launch(const StepParams& p, int64_t blocks, cudaStream_t stream) {
+  if (p.v2 && step2::covers(p)) return launch_v2<T>(p, stream);
   auto run = [&](auto kernel) {
     kernel<<<static_cast<unsigned>(blocks), step::kThreads, 0, stream>>>(p);
     return cudaGetLastError();
