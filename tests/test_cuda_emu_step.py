@@ -1,4 +1,4 @@
-"""The decode step kernels (csrc/delta_rule/step_kernel.cuh and the LINFLOW_STEP_KERNEL=v2 variant step_kernel_v2.cuh)
+"""The decode step kernels (csrc/delta_rule/step_kernel.cuh and the default variant step_kernel_v2.cuh)
 on the CPU emulation of tests/cuda_emu (see test_cuda_emu.py): odd strides, dtypes, gates, int32 / int64 state indices
 with a padding row, T across the staging chunks, K != V, V > 128; against float64. About 15 s on 2 cores."""
 import shutil

@@ -48,12 +48,12 @@ bool state_mma_sync() {
   return v;
 }
 
-// LINFLOW_STEP_KERNEL=v2 runs the decode step's variant step_kernel_v2 where it covers the shape (A/B against the
-// default step_kernel). Read once.
+// The decode step runs step_kernel_v2 where it covers the shape (H100, B64 H16 K=V=128 in a CUDA graph: 52.9 us,
+// 85% of copy, against 60.1 us for step_kernel); LINFLOW_STEP_KERNEL=v1 forces step_kernel (A/B). Read once.
 bool step_kernel_v2() {
   static const bool v = [] {
     const char* e = std::getenv("LINFLOW_STEP_KERNEL");
-    return e != nullptr && std::string(e) == "v2";
+    return e == nullptr || std::string(e) != "v1";
   }();
   return v;
 }

@@ -53,7 +53,7 @@ struct StepParams {
   FloatKind beta_kind, g_kind;
   bool idx64;
   bool vec_state;            // 16-byte state accesses: V % 4 == 0 and a 16-byte aligned state pointer
-  bool v2;                   // LINFLOW_STEP_KERNEL=v2: step_kernel_v2 where it covers the shape (step_kernel_v2.cuh)
+  bool v2;                   // step_kernel_v2 where it covers the shape (default; LINFLOW_STEP_KERNEL=v1: false)
 };
 
 // Chunk forward: wy_fwd, state_fwd and (want_output) output_fwd. q, k, v bf16 or fp16; K <= 256.

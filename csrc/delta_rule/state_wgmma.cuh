@@ -88,7 +88,8 @@ __device__ __forceinline__ void store_columns(T* dst, int64_t row_stride, T* st,
   const int lane = threadIdx.x % 32, m = lane / 8;
   __syncwarp();  // the previous copy's reads of st are done
 #pragma unroll
-  for (int kb = 0; kb < NB; ++kb) wgmma::stmatrix_x4_trans(st + (16 * kb + 8 * (m / 2) + lane % 8) * 16 + 8 * (m % 2), a[kb]);
+  for (int kb = 0; kb < NB; ++kb)
+    wgmma::stmatrix_x4_trans(st + (16 * kb + 8 * (m / 2) + lane % 8) * 16 + 8 * (m % 2), a[kb]);
   __syncwarp();
 #pragma unroll
   for (int j = 0; j < NB; ++j) {

@@ -1,6 +1,7 @@
 // Delta rule decode step on CUDA: the launcher of step_kernel (step_kernel.cuh). Template parameters: q's dtype and
-// the rows per thread R (head dim K <= 32 R): 12 instantiations. With p.v2 (LINFLOW_STEP_KERNEL=v2) the shapes
-// step2::covers runs step_kernel_v2 (step_kernel_v2.cuh): lanes a row LC x rows a thread R, 6 pairs x 3 dtypes.
+// the rows per thread R (head dim K <= 32 R): 12 instantiations. With p.v2 (the default; LINFLOW_STEP_KERNEL=v1
+// clears it) the shapes step2::covers runs step_kernel_v2 (step_kernel_v2.cuh): lanes a row LC x rows a thread R,
+// 6 pairs x 3 dtypes.
 // Checks and the params struct: cuda_host.cpp.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -1,5 +1,5 @@
-// Delta rule decode step, variant v2 (LINFLOW_STEP_KERNEL=v2; cuda_host.cpp). Same math as step_kernel.cuh, per
-// token: S <- a_t S; S <- S + beta_t k_t (v_t - S^T k_t)^T; o_t = s S^T q_t.
+// Delta rule decode step, variant v2 (the default where it applies; LINFLOW_STEP_KERNEL=v1 forces step_kernel).
+// Same math as step_kernel.cuh, per token: S <- a_t S; S <- S + beta_t k_t (v_t - S^T k_t)^T; o_t = s S^T q_t.
 // Tiling, aimed at DRAM locality and fewer barriers: a block of 256 threads owns a K x BV slab, BV = 4 LC columns,
 // LC = 32 lanes a row (BV = 128: a warp's 16-byte loads cover 512 contiguous bytes of one state row; with V = 128
 // the block's slab is the whole contiguous [K, V] head) or LC = 16 (BV = 64, two rows a warp load) where K > 128
