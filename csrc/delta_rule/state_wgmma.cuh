@@ -117,9 +117,33 @@ __device__ __forceinline__ float frag_at(const uint32_t (&a)[C / 16][4], int j, 
   return (e & 1) ? f.y : f.x;
 }
 
+// Chunk c's tiles (when `valid`) into stage c % ST: the SW128 tiles X[i] from xs[i] ([tokens, H, K]), the padded
+// tiles Y[i] from ys[i] ([tokens, H, V], the block's columns), the gate column; then a commit group in any case, so
+// cp_async_wait<ST - 2> always means "chunk c landed".
+template <int KP, int ST, typename T, int NX, int NY>
+__device__ __forceinline__ void prefetch_chunk(const StateWgSmem<KP, ST, T>& s, const FwdParams& p,
+                                               const StateBlock<4>& sb, int64_t c, bool valid,
+                                               const void* const (&xs)[NX], const void* const (&ys)[NY]) {
+  constexpr int NT = 128;
+  if (valid) {
+    const int b = static_cast<int>(c % ST), rows = sb.rows(c);
+    const int64_t H = p.H, tok = (sb.bos + c * C) * H + sb.h;
+#pragma unroll
+    for (int i = 0; i < NX; ++i)
+      wgmma::fetch_tile_sw128<C, KP, T, NT>(pick3(s.X[i], b), static_cast<const T*>(xs[i]) + tok * p.K, H * p.K, rows,
+                                            p.K, p.vec_k);
+#pragma unroll
+    for (int i = 0; i < NY; ++i)
+      tile::fetch_tile<C, kWgColumns, T, NT>(pick3(s.Y[i], b), static_cast<const T*>(ys[i]) + tok * p.V + sb.v0, H * p.V,
+                                             rows, sb.cols, sb.vec_v);
+    if (p.g) tile::fetch_column<C, NT>(pick3(s.g, b), p.g + tok, H, rows);
+  }
+  tile::cp_async_commit();
+}
+
 template <int KP, int ST, typename T>
 __global__ void __launch_bounds__(128) state_fwd_wg_kernel(FwdParams p) {
-  constexpr int BV = kWgColumns, NT = 128, NK = KP / 8, NR = C / 8;
+  constexpr int BV = kWgColumns, NK = KP / 8, NR = C / 8;
   extern __shared__ __align__(128) char smem_raw[];
   StateWgSmem<KP, ST, T> s;
   StateWgSmem<KP, ST, T>::carve(align_smem(smem_raw), &s, 2, 1);
@@ -128,20 +152,9 @@ __global__ void __launch_bounds__(128) state_fwd_wg_kernel(FwdParams p) {
   const int64_t H = p.H, K = p.K, V = p.V, bos = sb.bos, slot0 = sb.slot0, nc = sb.nc;
   const int vcols = warp_vector_cols(sb);
   T* stage = s.stage + warp * KP * 16;
-  auto prefetch = [&](int64_t c) {  // chunk c into stage c % ST; a (possibly empty) commit group every call
-    if (c < nc) {
-      const int b = static_cast<int>(c % ST), rows = sb.rows(c);
-      const int64_t tok0 = bos + c * C;
-      wgmma::fetch_tile_sw128<C, KP, T, NT>(pick3(s.X[0], b), static_cast<const T*>(p.w) + (tok0 * H + h) * K, H * K,
-                                            rows, p.K, p.vec_k);
-      wgmma::fetch_tile_sw128<C, KP, T, NT>(pick3(s.X[1], b), static_cast<const T*>(p.k) + (tok0 * H + h) * K, H * K,
-                                            rows, p.K, p.vec_k);
-      tile::fetch_tile<C, BV, T, NT>(pick3(s.Y[0], b), static_cast<const T*>(p.u) + (tok0 * H + h) * V + v0, H * V,
-                                     rows, cols, sb.vec_v);
-      if (p.g) tile::fetch_column<C, NT>(pick3(s.g, b), p.g + tok0 * H + h, H, rows);
-    }
-    tile::cp_async_commit();
-  };
+  const void* const xs[2] = {p.w, p.k};
+  const void* const ys[1] = {p.u};
+  auto prefetch = [&](int64_t c) { prefetch_chunk(s, p, sb, c, c < nc, xs, ys); };
   float S[NK][4];
   load_state(S, p.h0 ? p.h0 + (n * H + h) * K * V : nullptr, p.K, p.V, v0 + ua, v0 + ub);
 #pragma unroll
@@ -203,7 +216,7 @@ __global__ void __launch_bounds__(128) state_fwd_wg_kernel(FwdParams p) {
 
 template <int KP, int ST, typename T>
 __global__ void __launch_bounds__(128) state_bwd_wg_kernel(BwdParams bp) {
-  constexpr int BV = kWgColumns, NT = 128, NK = KP / 8, NR = C / 8;
+  constexpr int BV = kWgColumns, NK = KP / 8, NR = C / 8;
   extern __shared__ __align__(128) char smem_raw[];
   const FwdParams& p = bp.f;
   StateWgSmem<KP, ST, T> s;
@@ -213,24 +226,9 @@ __global__ void __launch_bounds__(128) state_bwd_wg_kernel(BwdParams bp) {
   const int64_t H = p.H, K = p.K, V = p.V, bos = sb.bos, slot0 = sb.slot0, nc = sb.nc;
   const int vcols = warp_vector_cols(sb);
   T* stage = s.stage + warp * KP * 16;
-  auto prefetch = [&](int64_t c) {  // chunk c into stage c % ST; a (possibly empty) commit group every call
-    if (c >= 0) {
-      const int b = static_cast<int>(c % ST), rows = sb.rows(c);
-      const int64_t tok0 = bos + c * C;
-      wgmma::fetch_tile_sw128<C, KP, T, NT>(pick3(s.X[0], b), static_cast<const T*>(p.w) + (tok0 * H + h) * K, H * K,
-                                            rows, p.K, p.vec_k);
-      wgmma::fetch_tile_sw128<C, KP, T, NT>(pick3(s.X[1], b), static_cast<const T*>(p.k) + (tok0 * H + h) * K, H * K,
-                                            rows, p.K, p.vec_k);
-      wgmma::fetch_tile_sw128<C, KP, T, NT>(pick3(s.X[2], b), static_cast<const T*>(p.q) + (tok0 * H + h) * K, H * K,
-                                            rows, p.K, p.vec_k);
-      tile::fetch_tile<C, BV, T, NT>(pick3(s.Y[0], b), static_cast<const T*>(bp.dout) + (tok0 * H + h) * V + v0, H * V,
-                                     rows, cols, sb.vec_v);
-      tile::fetch_tile<C, BV, T, NT>(pick3(s.Y[1], b), static_cast<const T*>(bp.dvl) + (tok0 * H + h) * V + v0, H * V,
-                                     rows, cols, sb.vec_v);
-      if (p.g) tile::fetch_column<C, NT>(pick3(s.g, b), p.g + tok0 * H + h, H, rows);
-    }
-    tile::cp_async_commit();
-  };
+  const void* const xs[3] = {p.w, p.k, p.q};
+  const void* const ys[2] = {bp.dout, bp.dvl};
+  auto prefetch = [&](int64_t c) { prefetch_chunk(s, p, sb, c, c >= 0, xs, ys); };
   float dS[NK][4];
   load_state(dS, bp.dht ? bp.dht + (n * H + h) * K * V : nullptr, p.K, p.V, v0 + ua, v0 + ub);
 #pragma unroll
