@@ -94,8 +94,19 @@ __device__ __forceinline__ void a_from_rows(uint32_t (&r)[4], const T* X, int ld
   ldmatrix_x4<false>(r, X + (m0 + lane % 8 + 8 * (mi % 2)) * ld + k0 + 8 * (mi / 2));
 }
 
+// B fragments of the tiles n0, n0 + 8 (k-block k0..) from a row-major shared tile X: B_ROWS: B[k][n] = X[n][k]
+// (b_from_rows), else B[k][n] = X[k][n] (b_from_cols).
+template <bool B_ROWS, typename T>
+__device__ __forceinline__ void b_pair(uint32_t (&r)[4], const T* X, int ld, int n0, int k0) {
+  if constexpr (B_ROWS) {
+    b_from_rows(r, X, ld, n0, k0);
+  } else {
+    b_from_cols(r, X, ld, n0, k0);
+  }
+}
+
 // acc[j] (16 x 8 tiles, columns n0 + 8 j, j < NJ) += sum over kb < KB of a[kb] . B(k0 + 16 kb ..), with B's blocks
-// read from a row-major shared tile X (ld elements): B_ROWS: B[k][n] = X[n][k] (b_from_rows), else X[k][n].
+// read from a row-major shared tile X (ld elements) as b_pair<B_ROWS>.
 // Per accumulator the k-blocks are summed in ascending order.
 template <bool B_ROWS, int NJ, int KB, typename T>
 __device__ __forceinline__ void mma_acc(float (&acc)[NJ][4], const uint32_t (&a)[KB][4], const T* X, int ld,
@@ -106,11 +117,7 @@ __device__ __forceinline__ void mma_acc(float (&acc)[NJ][4], const uint32_t (&a)
 #pragma unroll
     for (int kb = 0; kb < KB; ++kb) {
       uint32_t b[4];
-      if constexpr (B_ROWS) {
-        b_from_rows(b, X, ld, n0 + 8 * j, k0 + 16 * kb);
-      } else {
-        b_from_cols(b, X, ld, n0 + 8 * j, k0 + 16 * kb);
-      }
+      b_pair<B_ROWS>(b, X, ld, n0 + 8 * j, k0 + 16 * kb);
       mma16816<T>(acc[j], a[kb], b[0], b[1]);
       mma16816<T>(acc[j + 1], a[kb], b[2], b[3]);
     }
@@ -126,16 +133,25 @@ __device__ __forceinline__ void mma_acc2(float (&acc0)[NJ][4], const uint32_t (&
 #pragma unroll
     for (int kb = 0; kb < KB; ++kb) {
       uint32_t bf[4];
-      if constexpr (B_ROWS) {
-        b_from_rows(bf, X, ld, n0 + 8 * j, k0 + 16 * kb);
-      } else {
-        b_from_cols(bf, X, ld, n0 + 8 * j, k0 + 16 * kb);
-      }
+      b_pair<B_ROWS>(bf, X, ld, n0 + 8 * j, k0 + 16 * kb);
       mma16816<T>(acc0[j], a0[kb], bf[0], bf[1]);
       mma16816<T>(acc0[j + 1], a0[kb], bf[2], bf[3]);
       mma16816<T>(acc1[j], a1[kb], bf[0], bf[1]);
       mma16816<T>(acc1[j + 1], a1[kb], bf[2], bf[3]);
     }
+}
+
+// acc (16 rows m0.. x NJ 8-column tiles from n0) += A[m0.., 0..16 KB) . B, A a row-major shared tile read a
+// k-block at a time, B's blocks from the row-major shared tile X as b_pair<B_ROWS> (B_ROWS: B = X^T).
+template <bool B_ROWS, int KB, int NJ, typename T>
+__device__ __forceinline__ void mma_rows(float (&acc)[NJ][4], const T* A, int lda, int m0, const T* X, int ldx,
+                                         int n0) {
+#pragma unroll
+  for (int kb = 0; kb < KB; ++kb) {
+    uint32_t a[1][4];
+    a_from_rows(a[0], A, lda, m0, 16 * kb);
+    mma_acc<B_ROWS>(acc, a, X, ldx, n0, 16 * kb);
+  }
 }
 
 template <int NJ>

@@ -313,12 +313,7 @@ __global__ void __launch_bounds__(256, 1) chunk_bwd_kernel(BwdParams b) {
     {  // pass 1: P = Q K^T; dQK = tril(s dZ) o E -> dQKh; gate sums hz = s dZ o P o E (rows minus columns)
       float P[NU][4];
       mma::zero_acc(P);
-#pragma unroll
-      for (int kb = 0; kb < KP / 16; ++kb) {
-        uint32_t a[1][4];
-        mma::a_from_rows(a[0], Qs, ld_h(KP), m0, 16 * kb);
-        mma::mma_acc<true>(P, a, Ks, ld_h(KP), un0, 16 * kb);
-      }
+      mma::mma_rows<true, KP / 16>(P, Qs, ld_h(KP), m0, Ks, ld_h(KP), un0);
 #pragma unroll
       for (int j = 0; j < NU; ++j) {
         float qk[4];
@@ -339,12 +334,7 @@ __global__ void __launch_bounds__(256, 1) chunk_bwd_kernel(BwdParams b) {
       const float beta_r[2] = {s.beta(hb)[r0], s.beta(hb)[r1]};
       float KK[NU][4];
       mma::zero_acc(KK);
-#pragma unroll
-      for (int kb = 0; kb < KP / 16; ++kb) {
-        uint32_t a[1][4];
-        mma::a_from_rows(a[0], Ks, ld_h(KP), m0, 16 * kb);
-        mma::mma_acc<true>(KK, a, Ks, ld_h(KP), un0, 16 * kb);
-      }
+      mma::mma_rows<true, KP / 16>(KK, Ks, ld_h(KP), m0, Ks, ld_h(KP), un0);
 #pragma unroll
       for (int j = 0; j < NU; ++j) {
         float gg[4];
@@ -377,12 +367,7 @@ __global__ void __launch_bounds__(256, 1) chunk_bwd_kernel(BwdParams b) {
     __syncthreads();  // B: dQKh, Gh, colp complete; every warp is done with the last v-tile (stage stl is free)
 
     const BwdItem cur = get_info(hb);
-#pragma unroll
-    for (int kb = 0; kb < C / 16; ++kb) {  // dq = dQg' + dQK K
-      uint32_t a[1][4];
-      mma::a_from_rows(a[0], s.dQKh, ld_h(C), m0, 16 * kb);
-      mma::mma_acc<false>(dQg, a, Ks, ld_h(KP), kn0, 16 * kb);
-    }
+    mma::mma_rows<false, C / 16>(dQg, s.dQKh, ld_h(C), m0, Ks, ld_h(KP), kn0);  // dq = dQg' + dQK K
     store_acc_rows<NK, T>(static_cast<T*>(b.dq) + cur.tb * K, H * K, dQg, r0, kn0, cur.rows, p.K, K % 2 == 0);
 #pragma unroll
     for (int kb = 0; kb < C / 16; ++kb) {  // dk = dKd' + dQK^T Q + (G + G^T) K

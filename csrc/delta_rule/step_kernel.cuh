@@ -27,6 +27,13 @@ inline constexpr int rows_per_thread(int64_t K) { return K <= 32 ? 1 : K <= 64 ?
 // flight to keep HBM busy while other blocks reduce.
 inline constexpr int min_blocks(int R) { return R <= 4 ? 4 : 3; }
 
+// The state cache row of batch row b: state_indices[b] (int32 / int64; < 0: a padding row), or b itself.
+__device__ __forceinline__ int64_t state_row(const StepParams& p, int b) {
+  if (p.state_indices == nullptr) return b;
+  return p.idx64 ? static_cast<const int64_t*>(p.state_indices)[b * p.idx_stride]
+                 : static_cast<const int32_t*>(p.state_indices)[b * p.idx_stride];
+}
+
 __device__ __forceinline__ float load_float(const void* p, int64_t i, FloatKind kind) {
   switch (kind) {
     case FloatKind::bf16: return tile::to_f(static_cast<const __nv_bfloat16*>(p)[i]);
@@ -62,10 +69,7 @@ __global__ void __launch_bounds__(step::kThreads, step::min_blocks(R)) step_kern
   const int64_t o_tok = static_cast<int64_t>(p.H) * p.V;
   T* o = static_cast<T*>(p.o) + (static_cast<int64_t>(b) * p.T * p.H + h) * p.V;  // o[b, 0, h, :]
 
-  int64_t n = b;
-  if (p.state_indices != nullptr)
-    n = p.idx64 ? static_cast<const int64_t*>(p.state_indices)[b * p.idx_stride]
-                : static_cast<const int32_t*>(p.state_indices)[b * p.idx_stride];
+  const int64_t n = step::state_row(p, b);
   if (n < 0) {  // padding slot (block-uniform)
     for (int i = tid; i < p.T * BV; i += kThreads) {
       const int t = i / BV, c = c0 + i % BV;

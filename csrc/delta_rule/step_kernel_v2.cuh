@@ -18,7 +18,7 @@
 
 #include "common/tile.cuh"
 #include "delta_rule/launch.h"
-#include "delta_rule/step_kernel.cuh"  // step::load_float
+#include "delta_rule/step_kernel.cuh"  // step::load_float, step::state_row
 
 namespace linflow::delta_rule {
 
@@ -62,10 +62,7 @@ __global__ void __launch_bounds__(step2::kThreads, 2) step_kernel_v2(const StepP
   const int64_t o_tok = static_cast<int64_t>(p.H) * p.V;
   T* o = static_cast<T*>(p.o) + (static_cast<int64_t>(b) * p.T * p.H + h) * p.V;  // o[b, 0, h, :]
 
-  int64_t n = b;
-  if (p.state_indices != nullptr)
-    n = p.idx64 ? static_cast<const int64_t*>(p.state_indices)[b * p.idx_stride]
-                : static_cast<const int32_t*>(p.state_indices)[b * p.idx_stride];
+  const int64_t n = step::state_row(p, b);
   if (n < 0) {  // padding slot (block-uniform)
     for (int64_t i = tid; i < static_cast<int64_t>(p.T) * BV; i += kThreads) {
       const int64_t t = i / BV;

@@ -174,12 +174,7 @@ __global__ void __launch_bounds__(kBwdThreads) read_bwd_kernel(ReadBwdParams b) 
       }
       float P[4][4];  // P^T: rows = this warp's keys, columns = queries q0..q0+31
       mma::zero_acc(P);
-#pragma unroll
-      for (int kb = 0; kb < KP / 16; ++kb) {  // S^T = K Q^T
-        uint32_t a[1][4];
-        mma::a_from_rows(a[0], Ks, LK, m0, 16 * kb);
-        mma::mma_acc<true>(P, a, Qs, LK, q0, 16 * kb);
-      }
+      mma::mma_rows<true, KP / 16>(P, Ks, LK, m0, Qs, LK, q0);  // S^T = K Q^T
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -196,12 +191,7 @@ __global__ void __launch_bounds__(kBwdThreads) read_bwd_kernel(ReadBwdParams b) 
       }
       float dS[4][4];  // dP^T = U dO^T, then dS^T = P^T o (dP^T - Drow)
       mma::zero_acc(dS);
-#pragma unroll
-      for (int kb = 0; kb < VP / 16; ++kb) {
-        uint32_t a[1][4];
-        mma::a_from_rows(a[0], Us, LV, m0, 16 * kb);
-        mma::mma_acc<true>(dS, a, dOs, LV, q0, 16 * kb);
-      }
+      mma::mma_rows<true, VP / 16>(dS, Us, LV, m0, dOs, LV, q0);
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
