@@ -8,7 +8,7 @@ EMU_SKEW=1 (or 2) delays warp w (or 7 - w) by w x 5 ms at every warp collective:
 reads poisoned shared memory (a removed barrier before the dQK / G reads is caught this way; ~20 s a block).
 """
 import numpy as np, os, subprocess, sys
-from emu_build import build, codec, run_cases
+from emu_build import build, codec, run_cases, seq_layout
 WORK, BIN = build("chunk_bwd_main.cpp", "chunk_bwd")
 RUNS = os.path.join(WORK, "runs")
 C = 64
@@ -16,11 +16,8 @@ C = 64
 def run(name, B, T, H, K, V, gated, cu=None, seed=0, f16=False, blocks=3):
     enc, dec = codec(f16)
     rng = np.random.default_rng(seed)
-    varlen = cu is not None
-    total = B * T if not varlen else cu[-1]
-    N = B if not varlen else len(cu) - 1
+    varlen, total, N, slots, seqs = seq_layout(B, T, cu, C)
     if varlen: B = 1
-    slots = (total + C - 1) // C + N if varlen else N * ((T + C - 1) // C)
     scale = K ** -0.5
     d = os.path.join(RUNS, name); os.makedirs(d, exist_ok=True)
     arr = {}
@@ -43,7 +40,6 @@ def run(name, B, T, H, K, V, gated, cu=None, seed=0, f16=False, blocks=3):
                dg=np.fromfile(f"{d}/dg.out", np.float32).reshape(total, H),
                tm=dec(np.fromfile(f"{d}/tm.out", np.uint16)).reshape(total, H, C))
     ref = {k_: np.full_like(v_, np.nan, dtype=np.float64) for k_, v_ in out.items()}
-    seqs = [(n * T, T) for n in range(N)] if not varlen else [(cu[n], cu[n + 1] - cu[n]) for n in range(N)]
     for n, (bos, ln) in enumerate(seqs):
         slot0 = (bos // C + n) if varlen else n * ((T + C - 1) // C)
         for c in range((ln + C - 1) // C):

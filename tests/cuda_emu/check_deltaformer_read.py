@@ -10,7 +10,7 @@ checked on its own. Errors: max |out - ref| / max |ref| per output (2e-2 allowed
 EMU_SKEW=1 (or 2) EMU_SKEW_US=300 skews the warps at every collective (barrier check; slow: use one small case).
 """
 import numpy as np, os, subprocess, sys
-from emu_build import build, codec, run_cases
+from emu_build import build, codec, run_cases, seq_layout
 WORK, BIN = build("read_main.cpp", "read")
 RUNS = os.path.join(WORK, "runs")
 C = 64
@@ -19,10 +19,7 @@ C = 64
 def run(name, B, T, H, Hkv, K, V, cu=None, seed=0, f16=False):
     enc, dec = codec(f16)
     rng = np.random.default_rng(seed)
-    varlen = cu is not None
-    total = B * T if not varlen else cu[-1]
-    N = B if not varlen else len(cu) - 1
-    slots = (total + C - 1) // C + N if varlen else N * ((T + C - 1) // C)
+    varlen, total, N, slots, seqs = seq_layout(B, T, cu, C)
     scale = K ** -0.5
     G = H // Hkv
     d = os.path.join(RUNS, name); os.makedirs(d, exist_ok=True)
@@ -32,7 +29,6 @@ def run(name, B, T, H, Hkv, K, V, cu=None, seed=0, f16=False):
         return dec(u).astype(np.float64)
     q = mk("q", (total, H, K)); k = mk("k", (total, Hkv, K)); u = mk("u", (total, Hkv, V))
     dO = mk("do", (total, H, V))
-    seqs = [(n * T, T) for n in range(N)] if not varlen else [(cu[n], cu[n + 1] - cu[n]) for n in range(N)]
     o = np.zeros((total, H, V)); lse = np.zeros((total, H))
     for bos, ln in seqs:
         if ln == 0: continue

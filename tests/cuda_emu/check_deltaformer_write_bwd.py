@@ -7,7 +7,7 @@ write_backward (chunk_aten.cpp) on the whole matrices:
     python tests/cuda_emu/check_deltaformer_write_bwd.py [case ...]      (EMU_SKEW=1 / 2: skewed warps)
 """
 import numpy as np, os, subprocess, sys
-from emu_build import build, codec, run_cases
+from emu_build import build, codec, run_cases, seq_layout
 WORK, BIN = build("write_bwd_main.cpp", "write_bwd")
 RUNS = os.path.join(WORK, "runs")
 C = 64
@@ -15,10 +15,7 @@ C = 64
 def run(name, B, T, H, K, V, beta=True, w=True, cu=None, seed=0, f16=False, bscale=0.9):
     enc, dec = codec(f16)
     rng = np.random.default_rng(seed)
-    varlen = cu is not None
-    total = B * T if not varlen else cu[-1]
-    N = B if not varlen else len(cu) - 1
-    slots = (total + C - 1) // C + N if varlen else N * ((T + C - 1) // C)
+    varlen, total, N, slots, seqs = seq_layout(B, T, cu, C)
     scale = K ** -0.5
     d = os.path.join(RUNS, name); os.makedirs(d, exist_ok=True)
     def mk(shape, s=1.0):
@@ -36,7 +33,6 @@ def run(name, B, T, H, K, V, beta=True, w=True, cu=None, seed=0, f16=False, bsca
     du = rng.standard_normal((total, H, V)).astype(np.float32)
     du.tofile(f"{d}/du.bin")
     du = du.astype(np.float64)
-    seqs = [(n * T, T) for n in range(N)] if not varlen else [(cu[n], cu[n + 1] - cu[n]) for n in range(N)]
     u = np.zeros((total, H, V)); r = np.zeros((total, H, V)); lse = np.zeros((total, H))
     ref = dict(dv=np.zeros((total, H, V)), dbeta=np.zeros((total, H)), dw=np.zeros((total, H, K)),
                dk=np.zeros((total, H, K)))

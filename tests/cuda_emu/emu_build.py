@@ -38,6 +38,17 @@ def codec(f16: bool):
     return bf16, (lambda u: (u.astype(np.uint32) << 16).view(np.float32))
 
 
+def seq_layout(B: int, T: int, cu, C: int = 64):
+    """Token layout of a case: (varlen, total tokens, sequences N, chunk slots, [(bos, len)] per sequence), with
+    the slot count the kernels use (varlen: total / C + N, else N ceil(T / C))."""
+    varlen = cu is not None
+    total = cu[-1] if varlen else B * T
+    N = len(cu) - 1 if varlen else B
+    slots = (total + C - 1) // C + N if varlen else N * ((T + C - 1) // C)
+    seqs = [(cu[n], cu[n + 1] - cu[n]) for n in range(N)] if varlen else [(n * T, T) for n in range(N)]
+    return varlen, total, N, slots, seqs
+
+
 def run_cases(cases: dict, run, selected) -> None:
     """Runs run(name, **cases[name]) for each selected name, prints ALL OK / SOME FAILED, exits 0 / 1."""
     allok = True
