@@ -38,34 +38,28 @@ cudaError_t with_state_warps(int64_t V, int max_warps, int forced, F&& f) {
   return f(std::integral_constant<int, 1>{});
 }
 
-// The wgmma state passes (state_wgmma.cuh) run where the build has sm_90a code and the device is a 9.0 one, unless
-// FwdParams::state_mma_sync (LINFLOW_STATE_MMA=sync) asks for the mma.sync passes.
+// The wgmma state passes (state_wgmma.cuh) run where the build has sm_90a code and the current device is a 9.0 one,
+// unless FwdParams::state_mma_sync (LINFLOW_STATE_MMA=sync) asks for the mma.sync passes. Attribute queries of the
+// current device (no sync), so a process with several kinds of GPU picks per device.
 bool use_wgmma_state(const FwdParams& p) {
 #ifdef LINFLOW_SM90A
-  if (p.state_mma_sync) return false;
-  static const bool hopper = [] {
-    int dev = 0, major = 0, minor = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess) return false;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-    return major == 9 && minor == 0;
-  }();
-  return hopper;
+  int dev = 0, major = 0, minor = 0;
+  return !p.state_mma_sync && cudaGetDevice(&dev) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess && major == 9 &&
+         minor == 0;
 #else
   (void)p;
   return false;
 #endif
 }
 
-int multiprocessors() {
-  static const int n = [] {
-    int dev = 0, sms = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) !=
-                                                    cudaSuccess)
-      return 0;
-    return sms;
-  }();
-  return n;
+// The current device's multiprocessor count.
+cudaError_t multiprocessors(int& sms) {
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  return err;
 }
 
 template <typename F>
@@ -88,7 +82,10 @@ cudaError_t forward(FwdParams& p, int64_t slots, int64_t N, bool want_output, cu
         // Three stages (one block a multiprocessor) where the grid leaves multiprocessors idle, else two (two).
         const unsigned nvw = static_cast<unsigned>((p.V + kWgColumns - 1) / kWgColumns);
         const dim3 grid(nvw, H, static_cast<unsigned>(N));
-        if (static_cast<int64_t>(nvw) * H * N <= multiprocessors())
+        int sms = 0;
+        err = multiprocessors(sms);
+        if (err != cudaSuccess) return err;
+        if (static_cast<int64_t>(nvw) * H * N <= sms)
           err = launch(state_fwd_wg_kernel<KP, 3, T>, grid, StateWgSmem<KP, 3, T>::carve(nullptr, nullptr, 2, 1) +
                        wgmma::kAlign, p, stream, 128);
         else
@@ -140,9 +137,8 @@ cudaError_t backward(BwdParams& b, int64_t slots, int64_t N, cudaStream_t stream
       // chunk_bwd (KP 64 / 128): a persistent grid of one block (8 warps, ~226 KB of shared memory at KP 128) a
       // multiprocessor walking the slots x H items; it reads the Tm that wy_fwd stored (b.f.tm).
       if (b.f.tm == nullptr) return cudaErrorInvalidValue;
-      int dev = 0, sms = 0;
-      err = cudaGetDevice(&dev);
-      if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+      int sms = 0;
+      err = multiprocessors(sms);
       if (err != cudaSuccess) return err;
       b.slots = slots;
       const int64_t items = slots * b.f.H;
