@@ -58,25 +58,36 @@ __device__ __forceinline__ void load_rows(float* dst, const B* src, int64_t stri
 }
 
 // Forward substitution for Tm = (I + A)^-1, A[r][u] = beta_r KKE[r][u] (u < r), from KKE = (K K^T) o E (fp32,
-// ld_f(C), read on u < r only): Tm[r][j] = -beta_r sum_{u<r} KKE[r][u] Tm[u][j] (r > j). A column of Tm depends
-// only on the same column of earlier rows: 4 lanes own column j = tid / 4, lane l keeps rows u = l (mod 4) in
-// registers, t[i] = Tm[4 i + l][j] (fully unrolled, compile-time indices); rows of KKE are broadcast reads.
+// ld_f(C)): Tm[r][j] = -beta_r sum_{u<r} KKE[r][u] Tm[u][j] (r > j). A column of Tm depends only on the same column
+// of earlier rows: 4 lanes own column j = tid / 4; lane l keeps rows 16 m + 4 l + e in t[4 m + e] (wy_row), so a
+// step reads row r of KKE as one 16-byte piece a lane and group m (the four lanes' pieces are one 64-byte run: no
+// bank conflict), groups past r skipped at compile time. KKE must be zero above the diagonal (its diagonal is not
+// read: at step r every t row >= r of a column j < r is still 0, so whole groups are summed unmasked).
 // Requires blockDim.x == 256.
+__device__ __forceinline__ int wy_row(int i) { return 16 * (i / 4) + 4 * (threadIdx.x % 4) + i % 4; }
+
 __device__ __forceinline__ void wy_substitute(const float* KKE, const float* beta, float (&t)[C / 4]) {
   constexpr int LD = tile::ld_f(C);
+  static_assert(C == 64 && LD % 4 == 0, "four groups of 16 rows; 16-byte aligned KKE rows");
   const int j = threadIdx.x / 4, l = threadIdx.x % 4;
 #pragma unroll
-  for (int i = 0; i < C / 4; ++i) t[i] = (4 * i + l == j) ? 1.f : 0.f;
+  for (int i = 0; i < C / 4; ++i) t[i] = (wy_row(i) == j) ? 1.f : 0.f;
 #pragma unroll
   for (int r = 1; r < C; ++r) {
-    const float* a = KKE + r * LD;
-    float part = 0.f;
+    const float* a = KKE + r * LD + 4 * l;
+    float part[4];
 #pragma unroll
-    for (int i = 0; i < C / 4; ++i)
-      if (4 * i < r) part += (4 * i + l < r ? a[4 * i + l] : 0.f) * t[i];
-    part += __shfl_xor_sync(0xffffffff, part, 1);
-    part += __shfl_xor_sync(0xffffffff, part, 2);
-    if (r > j && l == r % 4) t[r / 4] = -beta[r] * part;
+    for (int m = 0; m < 4; ++m) {
+      part[m] = 0.f;
+      if (16 * m < r) {
+        const float4 x = *reinterpret_cast<const float4*>(a + 16 * m);
+        part[m] = x.x * t[4 * m] + x.y * t[4 * m + 1] + x.z * t[4 * m + 2] + x.w * t[4 * m + 3];
+      }
+    }
+    float sum = (part[0] + part[1]) + (part[2] + part[3]);
+    sum += __shfl_xor_sync(0xffffffff, sum, 1);
+    sum += __shfl_xor_sync(0xffffffff, sum, 2);
+    if (r > j && l == (r % 16) / 4) t[4 * (r / 16) + r % 4] = -beta[r] * sum;
   }
 }
 
@@ -94,9 +105,9 @@ __device__ void wy_inverse(const T* Ks, const float* beta, const float* gam, flo
   __syncthreads();
   float t[C / 4];
   wy_substitute(KKE, beta, t);
-  const int j = threadIdx.x / 4, l = threadIdx.x % 4;
+  const int j = threadIdx.x / 4;
 #pragma unroll
-  for (int i = 0; i < C / 4; ++i) Tm[(4 * i + l) * LD + j] = t[i];
+  for (int i = 0; i < C / 4; ++i) Tm[wy_row(i) * LD + j] = t[i];
   __syncthreads();
 }
 

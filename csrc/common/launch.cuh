@@ -15,3 +15,46 @@ cudaError_t launch_kernel(Kernel kernel, dim3 grid, int threads, size_t smem, co
 }
 
 }  // namespace linflow
+
+namespace linflow {
+
+// Two streams serving one op: work queued on `side` after the fork runs after everything queued on `main` before
+// it; `main` waits for all of `side`'s work at join() (or destruction, which joins even after an error, so a CUDA
+// graph capture stays a closed fork/join). handoff(from, to): `to` waits for what `from` has queued so far.
+// side == main (or null) is plain in-order launching on one stream. Events are created per handoff and released at
+// once (the runtime keeps a recorded event alive until it completes), so nothing outlives the op.
+class StreamFork {
+ public:
+  StreamFork(cudaStream_t main, cudaStream_t side) : main_(main), side_(side && side != main ? side : main) {
+    if (side_ != main_) err_ = handoff(main_, side_);
+  }
+  StreamFork(const StreamFork&) = delete;
+  StreamFork& operator=(const StreamFork&) = delete;
+  ~StreamFork() { join(); }
+  cudaStream_t main() const { return main_; }
+  cudaStream_t side() const { return side_; }
+  cudaError_t handoff(cudaStream_t from, cudaStream_t to) {
+    if (from == to) return cudaSuccess;
+    cudaEvent_t e = nullptr;
+    cudaError_t err = cudaEventCreateWithFlags(&e, cudaEventDisableTiming);
+    if (err == cudaSuccess) err = cudaEventRecord(e, from);
+    if (err == cudaSuccess) err = cudaStreamWaitEvent(to, e, 0);
+    if (e != nullptr) cudaEventDestroy(e);
+    return err;
+  }
+  cudaError_t join() {
+    if (joined_) return err_;
+    joined_ = true;
+    const cudaError_t err = handoff(side_, main_);
+    if (err_ == cudaSuccess) err_ = err;
+    return err_;
+  }
+  cudaError_t status() const { return err_; }
+
+ private:
+  cudaStream_t main_, side_;
+  cudaError_t err_ = cudaSuccess;
+  bool joined_ = false;
+};
+
+}  // namespace linflow

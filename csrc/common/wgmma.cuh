@@ -43,6 +43,18 @@ __device__ __forceinline__ void fetch_tile_sw128(T* dst, const T* src, int64_t r
                                                  bool vec) {
   constexpr int V8 = COLS / 8;
   static_assert(COLS % 64 == 0 && (ROWS * V8) % NT == 0, "whole panels, whole thread steps");
+  if constexpr (NT % V8 == 0 && (NT / V8) % 8 == 0 && ROWS % (NT / V8) == 0) {
+    if (vec && rows == ROWS && cols == COLS) {  // full tile (block-uniform): a fixed column and swizzle phase a thread
+      constexpr int STEP = NT / V8;             // rows a step, a multiple of 8: r % 8 and the chunk's slot stay put
+      const int r0 = threadIdx.x / V8, c = (threadIdx.x % V8) * 8;
+      const T* s = src + r0 * row_stride + c;
+      const int64_t s_step = STEP * row_stride;
+      T* d = dst + sw128<ROWS>(r0, c);
+#pragma unroll
+      for (int k = 0; k < ROWS / STEP; ++k, s += s_step) tile::cp_async16(d + k * STEP * 64, s, true);
+      return;
+    }
+  }
   if (vec) {
 #pragma unroll
     for (int j = 0; j < ROWS * V8 / NT; ++j) {

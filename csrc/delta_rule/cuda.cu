@@ -69,81 +69,117 @@ cudaError_t with_head_tiles(int64_t K, F&& f) {
   return f(std::integral_constant<int, 256>{}, std::integral_constant<int, 32>{});
 }
 
+// wy_fwd: w, u (and Tm where p.tm is set), parallel over every chunk of every sequence.
 template <typename T>
-cudaError_t forward(FwdParams& p, int64_t slots, int64_t N, bool want_output, cudaStream_t stream) {
+cudaError_t launch_wy(const FwdParams& p, int64_t slots, cudaStream_t stream) {
+  return with_head_tiles(p.K, [&](auto kp, auto) {
+    constexpr int KP = decltype(kp)::value;
+    return launch(wy_fwd_kernel<KP, T>, dim3(static_cast<unsigned>(slots), static_cast<unsigned>(p.H)),
+                  WyFwdSmem<KP, T>::carve(nullptr, nullptr), p, stream);
+  });
+}
+
+// state_fwd: the sequential pass, h and vn (and ht).
+template <typename T>
+cudaError_t launch_state_fwd(const FwdParams& p, int64_t N, cudaStream_t stream) {
   return with_head_tiles(p.K, [&](auto kp, auto bv) {
     constexpr int KP = decltype(kp)::value, BV = decltype(bv)::value;
-    const unsigned nv = static_cast<unsigned>((p.V + BV - 1) / BV), H = static_cast<unsigned>(p.H);
-    const unsigned ns = static_cast<unsigned>(slots);
-    cudaError_t err = launch(wy_fwd_kernel<KP, T>, dim3(ns, H), WyFwdSmem<KP, T>::carve(nullptr, nullptr), p, stream);
-    if (err != cudaSuccess) return err;
+    const unsigned H = static_cast<unsigned>(p.H);
     if constexpr (KP <= 128) {
       if (use_wgmma_state(p)) {
         // Three stages (one block a multiprocessor) where the grid leaves multiprocessors idle, else two (two).
         const unsigned nvw = static_cast<unsigned>((p.V + kWgColumns - 1) / kWgColumns);
         const dim3 grid(nvw, H, static_cast<unsigned>(N));
         int sms = 0;
-        err = multiprocessors(sms);
+        const cudaError_t err = multiprocessors(sms);
         if (err != cudaSuccess) return err;
         if (static_cast<int64_t>(nvw) * H * N <= sms)
-          err = launch(state_fwd_wg_kernel<KP, 3, T>, grid, StateWgSmem<KP, 3, T>::carve(nullptr, nullptr, 2, 1) +
-                       wgmma::kAlign, p, stream, 128);
-        else
-          err = launch(state_fwd_wg_kernel<KP, 2, T>, grid, StateWgSmem<KP, 2, T>::carve(nullptr, nullptr, 2, 1) +
-                       wgmma::kAlign, p, stream, 128);
-      } else {
-        err = with_state_warps(p.V, 4, p.state_warps, [&](auto nw) {
-          constexpr int NW = decltype(nw)::value;
-          const unsigned nvw = static_cast<unsigned>((p.V + 16 * NW - 1) / (16 * NW));
-          return launch(state_fwd_mma_kernel<KP, NW, T>, dim3(nvw, H, static_cast<unsigned>(N)),
-                        StateMmaSmem<KP, NW, T>::carve(nullptr, nullptr, 2, 1), p, stream, NW * 32);
-        });
+          return launch(state_fwd_wg_kernel<KP, 3, T>, grid, StateWgSmem<KP, 3, T>::carve(nullptr, nullptr, 2, 1) +
+                        wgmma::kAlign, p, stream, 128);
+        return launch(state_fwd_wg_kernel<KP, 2, T>, grid, StateWgSmem<KP, 2, T>::carve(nullptr, nullptr, 2, 1) +
+                      wgmma::kAlign, p, stream, 128);
       }
+      return with_state_warps(p.V, 4, p.state_warps, [&](auto nw) {
+        constexpr int NW = decltype(nw)::value;
+        const unsigned nvw = static_cast<unsigned>((p.V + 16 * NW - 1) / (16 * NW));
+        return launch(state_fwd_mma_kernel<KP, NW, T>, dim3(nvw, H, static_cast<unsigned>(N)),
+                      StateMmaSmem<KP, NW, T>::carve(nullptr, nullptr, 2, 1), p, stream, NW * 32);
+      });
     } else {
-      err = launch(state_fwd_kernel<KP, BV, T>, dim3(nv, H, static_cast<unsigned>(N)),
-                   StateFwdSmem<KP, BV, T>::carve(nullptr, nullptr), p, stream);
+      const unsigned nv = static_cast<unsigned>((p.V + BV - 1) / BV);
+      return launch(state_fwd_kernel<KP, BV, T>, dim3(nv, H, static_cast<unsigned>(N)),
+                    StateFwdSmem<KP, BV, T>::carve(nullptr, nullptr), p, stream);
     }
-    if (err == cudaSuccess && want_output)
-      err = launch(output_fwd_kernel<KP, T>, dim3(ns, H, static_cast<unsigned>((p.V + kOutBV - 1) / kOutBV)),
-                   OutputFwdSmem<KP, T>::carve(nullptr, nullptr), p, stream, kOutWarps * 32);
-    return err;
+  });
+}
+
+// chunk_local_kernel: the output O (DVL false) or P^T dO (DVL true), parallel over chunks and 64-column v-tiles.
+template <typename T, bool DVL>
+cudaError_t launch_chunk_local(const BwdParams& b, int64_t slots, cudaStream_t stream) {
+  return with_head_tiles(b.f.K, [&](auto kp, auto) {
+    constexpr int KP = decltype(kp)::value;
+    return launch(chunk_local_kernel<KP, T, DVL>, dim3(static_cast<unsigned>(slots), static_cast<unsigned>(b.f.H),
+                                                       static_cast<unsigned>((b.f.V + kOutBV - 1) / kOutBV)),
+                  OutputFwdSmem<KP, T>::carve(nullptr, nullptr), b, stream, kOutWarps * 32);
   });
 }
 
 template <typename T>
-cudaError_t backward(BwdParams& b, int64_t slots, int64_t N, cudaStream_t stream) {
+cudaError_t forward(FwdParams& p, int64_t slots, int64_t N, bool want_output, cudaStream_t stream) {
+  cudaError_t err = launch_wy<T>(p, slots, stream);
+  if (err == cudaSuccess) err = launch_state_fwd<T>(p, N, stream);
+  if (err == cudaSuccess && want_output)
+    err = launch_chunk_local<T, false>(BwdParams{p}, slots, stream);
+  return err;
+}
+
+// The backward, on two streams: the recompute of w, u (wy_fwd, main) and of h, vn (state_fwd, main) is independent
+// of the dVn / dS pass (P^T dO by chunk_local, then state_bwd, side; state_bwd needs W, so it waits for wy_fwd), and the two
+// sequential passes run side by side (B1 T65536 H16: 32 blocks each); chunk_bwd (main) needs both.
+//   main: wy_fwd ----------> state_fwd ------> [wait side] chunk_bwd
+//   side: chunk_local (P^T dO) -> [wait wy_fwd] state_bwd
+template <typename T>
+cudaError_t backward(BwdParams& b, int64_t slots, int64_t N, cudaStream_t main, cudaStream_t side) {
   return with_head_tiles(b.f.K, [&](auto kp, auto) -> cudaError_t {
     constexpr int KP = decltype(kp)::value;
     if constexpr (KP > 128) {
       return cudaErrorInvalidValue;  // the host side routes K > 128 to the ATen form
     } else {
-      const unsigned H = static_cast<unsigned>(b.f.H), ns = static_cast<unsigned>(slots);
-      cudaError_t err = launch(local_dvn_kernel<KP, T>, dim3(ns, H), LocalDvnSmem<KP, T>::carve(nullptr, nullptr), b,
-                               stream);
-      if (err != cudaSuccess) return err;
-      if (use_wgmma_state(b.f)) {
-        const unsigned nvw = static_cast<unsigned>((b.f.V + kWgColumns - 1) / kWgColumns);
-        err = launch(state_bwd_wg_kernel<KP, 2, T>, dim3(nvw, H, static_cast<unsigned>(N)),
-                     StateWgSmem<KP, 2, T>::carve(nullptr, nullptr, 3, 2) + wgmma::kAlign, b, stream, 128);
-      } else {
-        err = with_state_warps(b.f.V, 4, b.f.state_warps, [&](auto nw) {
-          constexpr int NW = decltype(nw)::value;
-          const unsigned nvw = static_cast<unsigned>((b.f.V + 16 * NW - 1) / (16 * NW));
-          return launch(state_bwd_mma_kernel<KP, NW, T>, dim3(nvw, H, static_cast<unsigned>(N)),
-                        StateMmaSmem<KP, NW, T>::carve(nullptr, nullptr, 3, 2), b, stream, NW * 32);
-        });
+      if (b.f.tm == nullptr) return cudaErrorInvalidValue;  // chunk_bwd reads the Tm wy_fwd stores
+      const unsigned H = static_cast<unsigned>(b.f.H);
+      StreamFork fork(main, side);
+      cudaError_t err = fork.status();
+      if (err == cudaSuccess)
+        err = launch_chunk_local<T, true>(b, slots, fork.side());
+      if (err == cudaSuccess) err = launch_wy<T>(b.f, slots, fork.main());
+      if (err == cudaSuccess) err = fork.handoff(fork.main(), fork.side());
+      if (err == cudaSuccess) {
+        if (use_wgmma_state(b.f)) {
+          const unsigned nvw = static_cast<unsigned>((b.f.V + kWgColumns - 1) / kWgColumns);
+          err = launch(state_bwd_wg_kernel<KP, 2, T>, dim3(nvw, H, static_cast<unsigned>(N)),
+                       StateWgSmem<KP, 2, T>::carve(nullptr, nullptr, 3, 2) + wgmma::kAlign, b, fork.side(), 128);
+        } else {
+          err = with_state_warps(b.f.V, 4, b.f.state_warps, [&](auto nw) {
+            constexpr int NW = decltype(nw)::value;
+            const unsigned nvw = static_cast<unsigned>((b.f.V + 16 * NW - 1) / (16 * NW));
+            return launch(state_bwd_mma_kernel<KP, NW, T>, dim3(nvw, H, static_cast<unsigned>(N)),
+                          StateMmaSmem<KP, NW, T>::carve(nullptr, nullptr, 3, 2), b, fork.side(), NW * 32);
+          });
+        }
       }
+      if (err == cudaSuccess) err = launch_state_fwd<T>(b.f, N, fork.main());
+      const cudaError_t joined = fork.join();
+      if (err == cudaSuccess) err = joined;
       if (err != cudaSuccess) return err;
       // chunk_bwd (KP 64 / 128): a persistent grid of one block (8 warps, ~226 KB of shared memory at KP 128) a
       // multiprocessor walking the slots x H items; it reads the Tm that wy_fwd stored (b.f.tm).
-      if (b.f.tm == nullptr) return cudaErrorInvalidValue;
       int sms = 0;
       err = multiprocessors(sms);
       if (err != cudaSuccess) return err;
       b.slots = slots;
       const int64_t items = slots * b.f.H;
       return launch(chunk_bwd_kernel<KP, T>, dim3(static_cast<unsigned>(items < sms ? items : sms)),
-                    ChunkBwdSmem<KP, T>::carve(nullptr, nullptr), b, stream);
+                    ChunkBwdSmem<KP, T>::carve(nullptr, nullptr), b, main);
     }
   });
 }
@@ -156,11 +192,9 @@ cudaError_t launch_chunk_forward(FwdParams& p, Elem e, int64_t slots, int64_t N,
   return cudaErrorInvalidValue;
 }
 
-cudaError_t launch_chunk_backward(BwdParams& b, Elem e, int64_t slots, int64_t N, cudaStream_t s) {
-  cudaError_t err = launch_chunk_forward(b.f, e, slots, N, false, s);  // recompute w, u, h, vn
-  if (err != cudaSuccess) return err;
-  if (e == Elem::bf16) return backward<__nv_bfloat16>(b, slots, N, s);
-  if (e == Elem::f16) return backward<__half>(b, slots, N, s);
+cudaError_t launch_chunk_backward(BwdParams& b, Elem e, int64_t slots, int64_t N, cudaStream_t s, cudaStream_t side) {
+  if (e == Elem::bf16) return backward<__nv_bfloat16>(b, slots, N, s, side);
+  if (e == Elem::f16) return backward<__half>(b, slots, N, s, side);
   return cudaErrorInvalidValue;
 }
 

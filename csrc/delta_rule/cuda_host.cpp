@@ -58,6 +58,16 @@ bool step_kernel_v2() {
   return v;
 }
 
+// The backward runs its dVn / dS pass on a second stream beside the recompute of h (launch_chunk_backward);
+// LINFLOW_BWD_STREAMS=1 keeps it on one stream (A/B). Read once.
+bool backward_on_two_streams() {
+  static const bool v = [] {
+    const char* e = std::getenv("LINFLOW_BWD_STREAMS");
+    return e == nullptr || std::string(e) != "1";
+  }();
+  return v;
+}
+
 // Inputs converted for the kernels (contiguous q/k/v, fp32 beta/g/h0, int64 cu_seqlens) and the recomputation
 // buffers w, u, vn, h.
 struct Prepared {
@@ -162,7 +172,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_cuda(
     b.dbeta = dbeta.data_ptr<float>();
     b.dg = gated ? dg.data_ptr<float>() : nullptr;
     b.dh0 = has_h0 ? dh0.data_ptr<float>() : nullptr;
-    C10_CUDA_CHECK(launch_chunk_backward(b, elem(q), r.slots, s.N, at::cuda::getCurrentCUDAStream()));
+    const cudaStream_t main = at::cuda::getCurrentCUDAStream();
+    const cudaStream_t side = backward_on_two_streams() ? at::cuda::getStreamFromPool(false, q.device().index()).stream()
+                                                        : main;
+    C10_CUDA_CHECK(launch_chunk_backward(b, elem(q), r.slots, s.N, main, side));
   }
   return {dq, dk, dv, dbeta.to(beta.scalar_type()),
           gated ? dg.to(g->scalar_type()) : at::empty({0}, q.options()),

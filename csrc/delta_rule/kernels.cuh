@@ -1,10 +1,11 @@
 // Delta rule chunk kernels (ALGORITHMS.md §1), bf16/fp16 operands on tensor cores, fp32 accumulation and state.
 // Forward = three launches:
-//   wy_fwd     (slot, head):          W = Tm diag(beta e^gamma) K,  U = Tm diag(beta) V          -> w, u   [B,T,H,*]
-//   state_fwd  (v-tile, head, seq):   walks the chunks: h_c = S (stored), Vn = U - W S,
-//                                     S = e^gamma_C S + K^T diag(e^(gamma_C - gamma)) Vn        -> h, vn, ht
-//   output_fwd (slot, head, v-tile):  O = s (diag(e^gamma) Q h_c + ((Q K^T) o E) Vn)             -> o
-// (state_fwd for K <= 128 and output_fwd run on mma.sync with register accumulators: state_mma.cuh, below).
+//   wy_fwd      (slot, head):          W = Tm diag(beta e^gamma) K,  U = Tm diag(beta) V          -> w, u   [B,T,H,*]
+//   state_fwd   (v-tile, head, seq):   walks the chunks: h_c = S (stored), Vn = U - W S,
+//                                      S = e^gamma_C S + K^T diag(e^(gamma_C - gamma)) Vn        -> h, vn, ht
+//   chunk_local (slot, head, v-tile):  O = s (diag(e^gamma) Q h_c + ((Q K^T) o E) Vn)             -> o
+//                                      (the backward's P^T dO is the same kernel with Q and K swapped)
+// (state_fwd for K <= 128 runs on wgmma (state_wgmma.cuh) or mma.sync (state_mma.cuh) with register state.)
 // Only state_fwd is sequential (over chunks); the other two are parallel over every chunk of every sequence.
 #pragma once
 #include "common/chunk.cuh"
@@ -82,6 +83,34 @@ __device__ __forceinline__ void store_acc_rows(T* dst, int64_t row_stride, const
     }
 }
 
+// The same 16 x 8 NJ block (rows m0 .. m0 + 15, columns n0 ..) through the warp's staging rows `st` (16 rows of
+// 8 NJ 16-bit elements, the 16-byte piece q of row r at q ^ (r % NJ): conflict-free writes) and out in 16-byte
+// stores that fill whole sectors (the pair stores of store_acc_rows fill half of each). Needs `cols` % 8 == 0 and
+// 16-byte aligned rows; NJ 4 or 8. Warp-private: __syncwarp only.
+template <int NJ, typename T>
+__device__ __forceinline__ void store_acc_rows_staged(T* dst, int64_t row_stride, const float (&acc)[NJ][4], T* st,
+                                                      int m0, int n0, int rows, int cols) {
+  static_assert(NJ == 4 || NJ == 8, "rows of 64 or 128 bytes");
+  const int lane = threadIdx.x % 32, g8 = lane / 4, t4 = lane % 4;
+  __syncwarp();  // the previous block's reads of st are done
+#pragma unroll
+  for (int j = 0; j < NJ; ++j)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = g8 + 8 * half;
+      *reinterpret_cast<uint32_t*>(st + r * 8 * NJ + 8 * (j ^ (r % NJ)) + 2 * t4) =
+          mma::pack2<T>(acc[j][2 * half], acc[j][2 * half + 1]);
+    }
+  __syncwarp();
+#pragma unroll
+  for (int i = 0; i < NJ / 2; ++i) {
+    const int idx = lane + 32 * i, r = idx / NJ, q = idx % NJ;
+    if (m0 + r < rows && n0 + 8 * q < cols)
+      *reinterpret_cast<uint4*>(dst + (m0 + r) * row_stride + n0 + 8 * q) =
+          *reinterpret_cast<const uint4*>(st + r * 8 * NJ + 8 * (q ^ (r % NJ)));
+  }
+}
+
 // acc (16 x 8 NJ) = A (rows m0.. of a C x C half tile) . X[:, n0 .. n0 + 8 NJ) (X: C rows, ldx).
 template <int NJ, typename T>
 __device__ __forceinline__ void gemm_rows_cc(float (&acc)[NJ][4], const T* A, int m0, const T* X, int ldx, int n0) {
@@ -93,7 +122,7 @@ __device__ __forceinline__ void gemm_rows_cc(float (&acc)[NJ][4], const T* A, in
 }
 
 template <int KP, typename T>
-__global__ void __launch_bounds__(256) wy_fwd_kernel(FwdParams p) {
+__global__ void __launch_bounds__(256, KP <= 128 ? 3 : 1) wy_fwd_kernel(FwdParams p) {  // 3 blocks an SM: ~71 KB each
   extern __shared__ __align__(128) char smem[];
   WyFwdSmem<KP, T> s;
   WyFwdSmem<KP, T>::carve(smem, &s);
@@ -136,27 +165,37 @@ __global__ void __launch_bounds__(256) wy_fwd_kernel(FwdParams p) {
   {
     float t[C / 4];
     chunk::wy_substitute(s.KKE, s.beta, t);
-    const int j = threadIdx.x / 4, l = threadIdx.x % 4;
+    const int j = threadIdx.x / 4;
     const float bj = s.beta[j], bgj = bj * __expf(s.gam[j]);
 #pragma unroll
     for (int i = 0; i < C / 4; ++i) {
-      s.Tw[(4 * i + l) * ld_h(C) + j] = tile::from_f<T>(t[i] * bgj);
-      s.Tu[(4 * i + l) * ld_h(C) + j] = tile::from_f<T>(t[i] * bj);
+      s.Tw[chunk::wy_row(i) * ld_h(C) + j] = tile::from_f<T>(t[i] * bgj);
+      s.Tu[chunk::wy_row(i) * ld_h(C) + j] = tile::from_f<T>(t[i] * bj);
     }
     if (p.tm) {  // the backward's recompute keeps Tm (16-bit) for chunk_bwd
       T* tm = static_cast<T*>(p.tm) + (tok0 * H + h) * C + j;
 #pragma unroll
       for (int i = 0; i < C / 4; ++i)
-        if (4 * i + l < rows) tm[(4 * i + l) * H * C] = tile::from_f<T>(t[i]);
+        if (chunk::wy_row(i) < rows) tm[chunk::wy_row(i) * H * C] = tile::from_f<T>(t[i]);
     }
   }
-  __syncthreads();
+  __syncthreads();  // from here KKE is dead: its space is the warps' staging rows (8 x 2 KB) for the W / U stores
+  T* stage = reinterpret_cast<T*>(s.KKE) + warp * 16 * 64;
   {  // W = Tw K: rows m0.., columns (KP / 2) (w / 4)..
     constexpr int NJ = KP / 16;
     const int n0 = (KP / 2) * (warp / 4);
     float acc[NJ][4];
     gemm_rows_cc<NJ, T>(acc, s.Tw, m0, s.Ks, ld_h(KP), n0);
-    store_acc_rows<NJ, T>(static_cast<T*>(p.w) + (tok0 * H + h) * K, H * K, acc, r0, n0, rows, p.K, K % 2 == 0);
+    T* wdst = static_cast<T*>(p.w) + (tok0 * H + h) * K;
+    if constexpr (NJ <= 8) {
+      if (p.vec_k) {
+        store_acc_rows_staged<NJ, T>(wdst, H * K, acc, stage, m0, n0, rows, p.K);
+      } else {
+        store_acc_rows<NJ, T>(wdst, H * K, acc, r0, n0, rows, p.K, K % 2 == 0);
+      }
+    } else {
+      store_acc_rows<NJ, T>(wdst, H * K, acc, r0, n0, rows, p.K, K % 2 == 0);
+    }
   }
   for (int v0 = 0; v0 < p.V; v0 += kWyBV) {  // U = Tu V: rows m0.., columns 64 (w / 4).. of the v-tile
     const int cols = min(kWyBV, p.V - v0);
@@ -171,8 +210,12 @@ __global__ void __launch_bounds__(256) wy_fwd_kernel(FwdParams p) {
     const int n0 = (kWyBV / 2) * (warp / 4);
     float acc[NJ][4];
     gemm_rows_cc<NJ, T>(acc, s.Tu, m0, s.Vs, ld_h(kWyBV), n0);
-    store_acc_rows<NJ, T>(static_cast<T*>(p.u) + (tok0 * H + h) * V + v0, H * V, acc, r0, n0, rows, cols,
-                          V % 2 == 0);
+    T* udst = static_cast<T*>(p.u) + (tok0 * H + h) * V + v0;
+    if (p.vec_v && cols % 8 == 0) {
+      store_acc_rows_staged<NJ, T>(udst, H * V, acc, stage, m0, n0, rows, cols);
+    } else {
+      store_acc_rows<NJ, T>(udst, H * V, acc, r0, n0, rows, cols, V % 2 == 0);
+    }
   }
 }
 
@@ -259,32 +302,37 @@ __global__ void __launch_bounds__(256) state_fwd_kernel(FwdParams p) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// O = s diag(e^gamma) Q h_c + P Vn, P = s (Q K^T o E) on u <= r, on mma.sync: block = (slot, head, 64-column
-// v-tile), 4 warps, warp w owns rows 16w..16w+15. Q's A fragments serve both Q K^T and Q h; P stays in registers
-// (its accumulator layout is the A operand of P Vn). Tiles arrive by cp.async; one block barrier.
+// The chunk-local products on mma.sync, block = (slot, head, 64-column v-tile), 4 warps, warp w owns rows 16w..16w+15:
+//   output (DVL false):  O = s diag(e^gamma) Q h_c + P Vn,      P = s (Q K^T o E), E[r][u] = e^(gamma_r - gamma_u), u <= r
+//   dvl    (DVL true):   dVl = P^T dO = P' dO,                   P' = s (K Q^T o E^T) (rows: keys u, columns: queries r >= u)
+// Rows come from A = Q (K), the score columns from B = K (Q); A's fragments serve the score and Q h; P stays in
+// registers (its accumulator layout is the A operand of P Vn). Tiles arrive by cp.async; one block barrier; the result
+// leaves through the warp's own rows of the A tile (dead once its fragments are loaded) in 16-byte stores.
 constexpr int kOutWarps = 4, kOutBV = 64;
 
 template <int KP, typename T>
 struct OutputFwdSmem {
-  T *Qs, *Ks, *Hs, *Vn;
+  T *As, *Bs, *Hs, *Vs;
   float* g;
   __host__ __device__ static size_t carve(char* base, OutputFwdSmem* s) {
     SmemCarver sc{base};
     OutputFwdSmem t;
-    t.Qs = sc.take<T>(C * ld_h(KP));
-    t.Ks = sc.take<T>(C * ld_h(KP));
+    t.As = sc.take<T>(C * ld_h(KP));
+    t.Bs = sc.take<T>(C * ld_h(KP));
     t.Hs = sc.take<T>(KP * ld_h(kOutBV));
-    t.Vn = sc.take<T>(C * ld_h(kOutBV));
+    t.Vs = sc.take<T>(C * ld_h(kOutBV));
     t.g = sc.take<float>(C);
     if (s) *s = t;
     return sc.used;
   }
 };
 
-template <int KP, typename T>
-__global__ void __launch_bounds__(kOutWarps * 32) output_fwd_kernel(FwdParams p) {
+template <int KP, typename T, bool DVL>
+__global__ void __launch_bounds__(kOutWarps * 32) chunk_local_kernel(BwdParams b) {
   constexpr int BV = kOutBV, NT = kOutWarps * 32, NV = BV / 8, NU = C / 8;
+  static_assert(C * ld_h(KP) >= kOutWarps * 16 * BV, "a warp's 16 rows of the A tile hold its 16 x 64 staging rows");
   extern __shared__ __align__(128) char smem[];
+  const FwdParams& p = b.f;
   OutputFwdSmem<KP, T> s;
   OutputFwdSmem<KP, T>::carve(smem, &s);
   const int h = blockIdx.y, v0 = blockIdx.z * BV;
@@ -295,10 +343,13 @@ __global__ void __launch_bounds__(kOutWarps * 32) output_fwd_kernel(FwdParams p)
   const int rows = static_cast<int>(len - c * C < C ? len - c * C : C);
   const int64_t tok0 = bos + c * C, H = p.H, K = p.K, V = p.V, slot = blockIdx.x;
   const bool vec_v = p.vec_v && cols % 8 == 0;
-  tile::fetch_tile<C, KP, T, NT>(s.Qs, static_cast<const T*>(p.q) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
-  tile::fetch_tile<C, KP, T, NT>(s.Ks, static_cast<const T*>(p.k) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
-  tile::fetch_tile<KP, BV, T, NT>(s.Hs, static_cast<const T*>(p.h) + (slot * H + h) * K * V + v0, V, p.K, cols, vec_v);
-  tile::fetch_tile<C, BV, T, NT>(s.Vn, static_cast<const T*>(p.vn) + (tok0 * H + h) * V + v0, H * V, rows, cols, vec_v);
+  const T* qk[2] = {static_cast<const T*>(p.q), static_cast<const T*>(p.k)};
+  tile::fetch_tile<C, KP, T, NT>(s.As, qk[DVL ? 1 : 0] + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
+  tile::fetch_tile<C, KP, T, NT>(s.Bs, qk[DVL ? 0 : 1] + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
+  if constexpr (!DVL)
+    tile::fetch_tile<KP, BV, T, NT>(s.Hs, static_cast<const T*>(p.h) + (slot * H + h) * K * V + v0, V, p.K, cols, vec_v);
+  const T* vals = static_cast<const T*>(DVL ? b.dout : p.vn);
+  tile::fetch_tile<C, BV, T, NT>(s.Vs, vals + (tok0 * H + h) * V + v0, H * V, rows, cols, vec_v);
   if (p.g) tile::fetch_column<C, NT>(s.g, p.g + tok0 * H + h, H, rows);
   tile::cp_async_commit();
   tile::cp_async_wait<0>();
@@ -322,47 +373,40 @@ __global__ void __launch_bounds__(kOutWarps * 32) output_fwd_kernel(FwdParams p)
   }
   uint32_t qa[KP / 16][4];
 #pragma unroll
-  for (int kb = 0; kb < KP / 16; ++kb) mma::a_from_rows(qa[kb], s.Qs, ld_h(KP), m0, 16 * kb);
+  for (int kb = 0; kb < KP / 16; ++kb) mma::a_from_rows(qa[kb], s.As, ld_h(KP), m0, 16 * kb);
   float O[NV][4];
   mma::zero_acc(O);
-  mma::mma_acc<false>(O, qa, s.Hs, ld_h(BV));  // O = Q h
-  const float sr[2] = {p.scale * __expf(gr[0]), p.scale * __expf(gr[1])};
+  if constexpr (!DVL) {
+    mma::mma_acc<false>(O, qa, s.Hs, ld_h(BV));  // O = Q h
+    const float sr[2] = {p.scale * __expf(gr[0]), p.scale * __expf(gr[1])};
 #pragma unroll
-  for (int j = 0; j < NV; ++j) {  // O = s diag(e^gamma) Q h
-    O[j][0] *= sr[0]; O[j][1] *= sr[0]; O[j][2] *= sr[1]; O[j][3] *= sr[1];
+    for (int j = 0; j < NV; ++j) {  // O = s diag(e^gamma) Q h
+      O[j][0] *= sr[0]; O[j][1] *= sr[0]; O[j][2] *= sr[1]; O[j][3] *= sr[1];
+    }
   }
   float P[NU][4];
   mma::zero_acc(P);
-  mma::mma_acc<true>(P, qa, s.Ks, ld_h(KP));  // P = Q K^T
+  mma::mma_acc<true>(P, qa, s.Bs, ld_h(KP));  // P = Q K^T (P' = K Q^T)
 #pragma unroll
   for (int j = 0; j < NU; ++j)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {  // P = s (Q K^T) e^(gamma_r - gamma_u) on u <= r
+    for (int e = 0; e < 4; ++e) {  // P = s (Q K^T) e^(gamma_r - gamma_u) on u <= r (P': e^(gamma_u - gamma_r), u >= r)
       const int r = e < 2 ? r0 : r1, u = 8 * j + 2 * t4 + (e & 1);
-      P[j][e] = u <= r ? p.scale * P[j][e] * __expf(gr[e >> 1] - gu[j][e & 1]) : 0.f;
+      const float d = DVL ? gu[j][e & 1] - gr[e >> 1] : gr[e >> 1] - gu[j][e & 1];
+      P[j][e] = (DVL ? u >= r : u <= r) ? p.scale * P[j][e] * __expf(d) : 0.f;
     }
 #pragma unroll
-  for (int ub = 0; ub < C / 16; ++ub) {  // O += P Vn
+  for (int ub = 0; ub < C / 16; ++ub) {  // O += P Vn (P' dO)
     uint32_t pa[1][4];
     mma::acc_to_a<T>(pa[0], P, ub);
-    mma::mma_acc<false>(O, pa, s.Vn, ld_h(BV), 0, 16 * ub);
+    mma::mma_acc<false>(O, pa, s.Vs, ld_h(BV), 0, 16 * ub);
   }
-  T* o = static_cast<T*>(p.o) + (tok0 * H + h) * V + v0;
-  const bool pairs = V % 2 == 0;
-#pragma unroll
-  for (int j = 0; j < NV; ++j)
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = half ? r1 : r0, col = 8 * j + 2 * t4;
-      if (r >= rows || col >= cols) continue;
-      T* dst = o + static_cast<int64_t>(r) * H * V + col;
-      if (pairs && col + 1 < cols) {
-        *reinterpret_cast<uint32_t*>(dst) = mma::pack2<T>(O[j][2 * half], O[j][2 * half + 1]);
-      } else {
-        dst[0] = tile::from_f<T>(O[j][2 * half]);
-        if (col + 1 < cols) dst[1] = tile::from_f<T>(O[j][2 * half + 1]);
-      }
-    }
+  T* o = static_cast<T*>(DVL ? b.dvl : p.o) + (tok0 * H + h) * V + v0;
+  if (vec_v) {
+    store_acc_rows_staged<NV, T>(o, H * V, O, s.As + m0 * ld_h(KP), m0, 0, rows, cols);
+  } else {
+    store_acc_rows<NV, T>(o, H * V, O, r0, 0, rows, cols, V % 2 == 0);
+  }
 }
 
 }  // namespace linflow::delta_rule

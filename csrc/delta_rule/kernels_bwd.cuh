@@ -1,6 +1,6 @@
 // Delta rule backward kernels (ALGORITHMS.md §1). After recomputing w, u (wy_fwd) and the chunk-start states h
 // and new values vn (state_fwd), with dO' = s dO, P = s (Q K^T o E), Qg = s diag(e^gamma) Q, Kd = diag(e^(gamma_C-gamma)) K:
-//   local_dvn + state_bwd_mma (state_mma.cuh), chunks in reverse:  dh_c = dS (gradient at the chunk's end),
+//   chunk_local<DVL> (P^T dO) + state_bwd (state_wgmma.cuh / state_mma.cuh), chunks in reverse:  dh_c = dS (gradient at the chunk's end),
 //       dVn = P^T dO + Kd dS,  dS <- e^gamma_C dS + Qg^T dO - W^T dVn                    -> dh, dvn, dh0
 //   chunk_bwd (slot, head), loop over v-tiles:  dVb = Tm^T dVn, dv = beta dVb,
 //       dZ = dO' Vn^T, dA = -dVb Vn^T (= -(dVb U^T + dKb W^T), since W h = U - Vn),

@@ -56,10 +56,11 @@ struct StepParams {
   bool v2;                   // step_kernel_v2 where it covers the shape (default; LINFLOW_STEP_KERNEL=v1: false)
 };
 
-// Chunk forward: wy_fwd, state_fwd and (want_output) output_fwd. q, k, v bf16 or fp16; K <= 256.
+// Chunk forward: wy_fwd, state_fwd and (want_output) chunk_local (the output). q, k, v bf16 or fp16; K <= 256.
 cudaError_t launch_chunk_forward(FwdParams& p, Elem e, int64_t slots, int64_t N, bool want_output, cudaStream_t s);
-// Chunk backward after launch_chunk_forward(want_output = false): state_bwd and chunk_bwd. K <= 128.
-cudaError_t launch_chunk_backward(BwdParams& b, Elem e, int64_t slots, int64_t N, cudaStream_t s);
+// Chunk backward: the recompute of w, u, h, vn (into b.f's buffers, Tm into b.f.tm), P^T dO (chunk_local), state_bwd and
+// chunk_bwd. K <= 128. `side` (null or s: one stream) runs the dVn / dS pass beside the recompute; s waits for it.
+cudaError_t launch_chunk_backward(BwdParams& b, Elem e, int64_t slots, int64_t N, cudaStream_t s, cudaStream_t side);
 constexpr int kStepColumns = 32;  // state columns per decode-step block
 
 // Decode step over `blocks` = ceil(V / 32) * H * B blocks (p.v2: step_kernel_v2 sizes its own, fewer, blocks).

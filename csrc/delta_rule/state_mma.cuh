@@ -8,7 +8,7 @@
 // (kd = e^(gC - gamma), Qg = s diag(e^gamma) Q). The accumulator layout of S^T / Vn^T is the A-operand layout
 // of the next product, so nothing but the chunk's input tiles goes through shared memory: one block barrier per
 // chunk, while the next chunk's tiles stream in (cp.async, two stages). Each warp scans the chunk's gates itself.
-// P^T dO (state-independent) comes from local_dvn_kernel, chunk-parallel, before the backward pass.
+// P^T dO (state-independent) comes from chunk_local_kernel<DVL = true>, chunk-parallel, beside the recompute.
 #pragma once
 #include "common/mma.cuh"
 #include "delta_rule/kernels.cuh"
@@ -243,57 +243,6 @@ __global__ void __launch_bounds__(NW * 32) state_bwd_mma_kernel(BwdParams bp) {
     }
   }
   if (bp.dh0) store_state(bp.dh0 + (n * H + h) * K * V, dS, p.K, p.V, v0 + ua, v0 + ub);
-}
-
-// dvl = P^T dO per chunk (slot, head), the state-independent part of dVn: P = s (Q K^T o E) on u <= r.
-template <int KP, typename T>
-struct LocalDvnSmem {
-  T *Qs, *Ks, *Ph, *dO;
-  float *P, *Of, *gam;
-  __host__ __device__ static size_t carve(char* base, LocalDvnSmem* s) {
-    SmemCarver sc{base};
-    LocalDvnSmem t;
-    t.Qs = sc.take<T>(C * ld_h(KP));
-    t.Ks = sc.take<T>(C * ld_h(KP));
-    t.Ph = sc.take<T>(C * ld_h(C));
-    t.dO = sc.take<T>(C * ld_h(64));
-    t.P = sc.take<float>(C * ld_f(C));
-    t.Of = sc.take<float>(C * ld_f(64));
-    t.gam = sc.take<float>(C);
-    if (s) *s = t;
-    return sc.used;
-  }
-};
-
-template <int KP, typename T>
-__global__ void __launch_bounds__(256) local_dvn_kernel(BwdParams bp) {
-  extern __shared__ __align__(128) char smem[];
-  const FwdParams& p = bp.f;
-  LocalDvnSmem<KP, T> s;
-  LocalDvnSmem<KP, T>::carve(smem, &s);
-  const int h = blockIdx.y;
-  int n;
-  int64_t c, bos, len;
-  if (!p.seq.locate(blockIdx.x, n, c, bos, len)) return;
-  const int rows = static_cast<int>(len - c * C < C ? len - c * C : C);
-  const int64_t tok0 = bos + c * C, H = p.H, K = p.K, V = p.V;
-  tile::load_tile<C, KP>(s.Qs, static_cast<const T*>(p.q) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
-  tile::load_tile<C, KP>(s.Ks, static_cast<const T*>(p.k) + (tok0 * H + h) * K, H * K, rows, p.K, p.vec_k);
-  chunk::load_gamma(s.gam, p.g ? p.g + tok0 * H + h : nullptr, H, rows);
-  __syncthreads();
-  tile::gemm<C, C, KP, true, false, false>(s.Qs, ld_h(KP), s.Ks, ld_h(KP), s.P, ld_f(C));  // Q K^T
-  __syncthreads();
-  chunk::causal_decayed_scores(s.Ph, s.P, s.gam, p.scale);
-  for (int v0 = 0; v0 < p.V; v0 += 64) {
-    const int cols = min(64, p.V - v0);
-    const bool vec = p.vec_v && cols % 8 == 0;
-    tile::load_tile<C, 64>(s.dO, static_cast<const T*>(bp.dout) + (tok0 * H + h) * V + v0, H * V, rows, cols, vec);
-    __syncthreads();
-    tile::gemm<C, 64, C, false, true, false>(s.Ph, ld_h(C), s.dO, ld_h(64), s.Of, ld_f(64));  // P^T dO
-    __syncthreads();
-    tile::store_tile<C, 64>(static_cast<T*>(bp.dvl) + (tok0 * H + h) * V + v0, H * V, s.Of, rows, cols, vec);
-    __syncthreads();
-  }
 }
 
 }  // namespace linflow::delta_rule

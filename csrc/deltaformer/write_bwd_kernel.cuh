@@ -218,9 +218,9 @@ __global__ void __launch_bounds__(kThreads, 1) write_bwd_dv_kernel(WriteBwdParam
     {
       float t[C / 4];
       chunk::wy_substitute(Pcc, beta_s, t);  // Tm = (I + diag(beta) Pcc)^-1 (Wc is dead: Tm takes its place)
-      const int j = tid / 4, l4 = tid % 4;
+      const int j = tid / 4;
 #pragma unroll
-      for (int i = 0; i < C / 4; ++i) Tm[(4 * i + l4) * LC + j] = t[i];
+      for (int i = 0; i < C / 4; ++i) Tm[chunk::wy_row(i) * LC + j] = t[i];
     }
     __syncthreads();
     const int cg = tid % 16, rg = tid / 16;  // rows rg + 16 i, columns cg * CPT ..

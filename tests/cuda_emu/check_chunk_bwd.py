@@ -1,4 +1,4 @@
-"""CPU check of chunk_bwd_kernel (after wy_fwd's Tm store) without a GPU: the real kernel source runs on an emulation of the CUDA
+"""CPU check of chunk_bwd_kernel (after wy_fwd's W, U and Tm stores, checked too) without a GPU: the real kernel source runs on an emulation of the CUDA
 features it uses (tests/cuda_emu/shim: one OS thread per CUDA thread, warp collectives and mma.sync / ldmatrix
 through per-warp exchange slots, deferred cp.async, shared memory poisoned with 0xFF), on random bf16 inputs
 (q, k, v, beta, g, dO, vn, dvn, h, dh taken as given), against a float64 numpy transcription of the per-chunk
@@ -38,7 +38,9 @@ def run(name, B, T, H, K, V, gated, cu=None, seed=0, f16=False, blocks=3):
                dv=dec(np.fromfile(f"{d}/dv.out", np.uint16)).reshape(total, H, V),
                dbeta=np.fromfile(f"{d}/dbeta.out", np.float32).reshape(total, H),
                dg=np.fromfile(f"{d}/dg.out", np.float32).reshape(total, H),
-               tm=dec(np.fromfile(f"{d}/tm.out", np.uint16)).reshape(total, H, C))
+               tm=dec(np.fromfile(f"{d}/tm.out", np.uint16)).reshape(total, H, C),
+               w=dec(np.fromfile(f"{d}/w.out", np.uint16)).reshape(total, H, K),
+               u=dec(np.fromfile(f"{d}/u.out", np.uint16)).reshape(total, H, V))
     ref = {k_: np.full_like(v_, np.nan, dtype=np.float64) for k_, v_ in out.items()}
     for n, (bos, ln) in enumerate(seqs):
         slot0 = (bos // C + n) if varlen else n * ((T + C - 1) // C)
@@ -83,6 +85,7 @@ def run(name, B, T, H, K, V, gated, cu=None, seed=0, f16=False, blocks=3):
                 sl = slice(t0, t0 + rows)
                 ref["dq"][sl, hh] = dq[:rows]; ref["dk"][sl, hh] = dk[:rows]; ref["dv"][sl, hh] = dv[:rows]
                 ref["dbeta"][sl, hh] = dbeta[:rows]; ref["dg"][sl, hh] = dg[:rows]; ref["tm"][sl, hh] = Tm[:rows]
+                ref["w"][sl, hh] = (Tm @ ((be * eg)[:, None] * Kc))[:rows]; ref["u"][sl, hh] = (Tm @ (be[:, None] * Vv))[:rows]
     ok = True
     for k_ in out:
         if k_ == "dg" and not gated: continue

@@ -54,7 +54,7 @@ int run(int argc, char** argv) {
   b.dq = dq.data(); b.dk = dk.data(); b.dv = dv.data(); b.dbeta = dbeta.data(); b.dg = gated ? dg.data() : nullptr;
   const int blocks = std::atoi(argv[3]);
   if (K <= 64) run_all<64, bf>(b, slots, int(H), blocks); else run_all<128, bf>(b, slots, int(H), blocks);
-  wr(d + "/tm.out", tm);
+  wr(d + "/tm.out", tm); wr(d + "/w.out", w); wr(d + "/u.out", u);
   wr(d + "/dq.out", dq); wr(d + "/dk.out", dk); wr(d + "/dv.out", dv); wr(d + "/dbeta.out", dbeta);
   wr(d + "/dg.out", dg);
   return 0;

@@ -78,6 +78,7 @@ inline int cur_lane() { return threadIdx.x % 32; }
 
 void cp_async_flush_all();
 inline void __syncthreads() { g_block_bar->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { cur_warp().bar.arrive_and_wait(); }
 
 template <typename X, typename F>
 inline X shfl_any(X v, F&& src_of) {
