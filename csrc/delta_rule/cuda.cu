@@ -120,7 +120,7 @@ cudaError_t launch_chunk_local(const BwdParams& b, int64_t slots, cudaStream_t s
     constexpr int KP = decltype(kp)::value;
     return launch(chunk_local_kernel<KP, T, DVL>, dim3(static_cast<unsigned>(slots), static_cast<unsigned>(b.f.H),
                                                        static_cast<unsigned>((b.f.V + kOutBV - 1) / kOutBV)),
-                  OutputFwdSmem<KP, T>::carve(nullptr, nullptr), b, stream, kOutWarps * 32);
+                  OutputFwdSmem<KP, T>::carve(nullptr, nullptr, !DVL), b, stream, kOutWarps * 32);
   });
 }
 

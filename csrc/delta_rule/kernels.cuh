@@ -163,20 +163,22 @@ __global__ void __launch_bounds__(256, KP <= 128 ? 3 : 1) wy_fwd_kernel(FwdParam
   }
   __syncthreads();
   {
-    float t[C / 4];
-    chunk::wy_substitute(s.KKE, s.beta, t);
-    const int j = threadIdx.x / 4;
-    const float bj = s.beta[j], bgj = bj * __expf(s.gam[j]);
+    if (threadIdx.x < 128) {  // Tm by thread pairs (wy_substitute_pair): thread (j, hf) holds rows 32 hf.. of column j
+      float t[C / 2];
+      chunk::wy_substitute_pair(s.KKE, s.beta, t);
+      const int j = threadIdx.x / 2, r0t = 32 * (threadIdx.x % 2);
+      const float bj = s.beta[j], bgj = bj * __expf(s.gam[j]);
 #pragma unroll
-    for (int i = 0; i < C / 4; ++i) {
-      s.Tw[chunk::wy_row(i) * ld_h(C) + j] = tile::from_f<T>(t[i] * bgj);
-      s.Tu[chunk::wy_row(i) * ld_h(C) + j] = tile::from_f<T>(t[i] * bj);
-    }
-    if (p.tm) {  // the backward's recompute keeps Tm (16-bit) for chunk_bwd
-      T* tm = static_cast<T*>(p.tm) + (tok0 * H + h) * C + j;
+      for (int i = 0; i < C / 2; ++i) {
+        s.Tw[(r0t + i) * ld_h(C) + j] = tile::from_f<T>(t[i] * bgj);
+        s.Tu[(r0t + i) * ld_h(C) + j] = tile::from_f<T>(t[i] * bj);
+      }
+      if (p.tm) {  // the backward's recompute keeps Tm (16-bit) for chunk_bwd
+        T* tm = static_cast<T*>(p.tm) + (tok0 * H + h) * C + j;
 #pragma unroll
-      for (int i = 0; i < C / 4; ++i)
-        if (chunk::wy_row(i) < rows) tm[chunk::wy_row(i) * H * C] = tile::from_f<T>(t[i]);
+        for (int i = 0; i < C / 2; ++i)
+          if (r0t + i < rows) tm[(r0t + i) * H * C] = tile::from_f<T>(t[i]);
+      }
     }
   }
   __syncthreads();  // from here KKE is dead: its space is the warps' staging rows (8 x 2 KB) for the W / U stores
@@ -314,12 +316,13 @@ template <int KP, typename T>
 struct OutputFwdSmem {
   T *As, *Bs, *Hs, *Vs;
   float* g;
-  __host__ __device__ static size_t carve(char* base, OutputFwdSmem* s) {
+  // with_h false (the P^T dO kernel): no state tile, 43 instead of 61 KB at KP 128 (4 blocks a multiprocessor, not 3).
+  __host__ __device__ static size_t carve(char* base, OutputFwdSmem* s, bool with_h) {
     SmemCarver sc{base};
     OutputFwdSmem t;
     t.As = sc.take<T>(C * ld_h(KP));
     t.Bs = sc.take<T>(C * ld_h(KP));
-    t.Hs = sc.take<T>(KP * ld_h(kOutBV));
+    t.Hs = with_h ? sc.take<T>(KP * ld_h(kOutBV)) : nullptr;
     t.Vs = sc.take<T>(C * ld_h(kOutBV));
     t.g = sc.take<float>(C);
     if (s) *s = t;
@@ -334,7 +337,7 @@ __global__ void __launch_bounds__(kOutWarps * 32) chunk_local_kernel(BwdParams b
   extern __shared__ __align__(128) char smem[];
   const FwdParams& p = b.f;
   OutputFwdSmem<KP, T> s;
-  OutputFwdSmem<KP, T>::carve(smem, &s);
+  OutputFwdSmem<KP, T>::carve(smem, &s, !DVL);
   const int h = blockIdx.y, v0 = blockIdx.z * BV;
   const int cols = min(BV, p.V - v0);
   int n;
