@@ -91,36 +91,6 @@ __device__ __forceinline__ void wy_substitute(const float* KKE, const float* bet
   }
 }
 
-// The same Tm = (I + A)^-1 with fewer dependent steps, for kernels where the solve is on the critical path: column
-// j = tid / 2 belongs to the thread pair (2 j, 2 j + 1) of the first 128 threads, thread half h = tid % 2 keeps rows
-// 32 h + i in t[i]. A row r < 32 needs only the first half's terms (no exchange); a row r >= 32 adds the pair's two
-// partial sums (one shuffle), so a step's chain is four FMA accumulators, at most one shuffle and the scaling
-// (wy_substitute: two shuffles every step). Same KKE contract (zero above the diagonal). Only threads < 128 call it.
-__device__ __forceinline__ void wy_substitute_pair(const float* KKE, const float* beta, float (&t)[C / 2]) {
-  constexpr int LD = tile::ld_f(C);
-  static_assert(C == 64 && LD % 4 == 0, "two halves of 32 rows; 16-byte aligned KKE rows");
-  const int j = threadIdx.x / 2, hf = threadIdx.x % 2;
-#pragma unroll
-  for (int i = 0; i < C / 2; ++i) t[i] = (32 * hf + i == j) ? 1.f : 0.f;
-#pragma unroll
-  for (int r = 1; r < C; ++r) {
-    const float* a = KKE + r * LD + 32 * hf;
-    float part[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int m = 0; m < 8; ++m)
-      if (4 * m < r) {  // half 0's terms u = 4 m.. (< r); half 1's (u = 32 + 4 m..) are zero or not yet solved for r < 32
-        const float4 x = *reinterpret_cast<const float4*>(a + 4 * m);
-        part[0] += x.x * t[4 * m];
-        part[1] += x.y * t[4 * m + 1];
-        part[2] += x.z * t[4 * m + 2];
-        part[3] += x.w * t[4 * m + 3];
-      }
-    float sum = (part[0] + part[1]) + (part[2] + part[3]);
-    if (r >= 32) sum += __shfl_xor_sync(0xffffffff, sum, 1);
-    if (r > j && hf == r / 32) t[r % 32] = -beta[r] * sum;
-  }
-}
-
 // From Ks (the chunk's keys, C x KP half tile) and beta, gamma: KKE = (K K^T) o E on r >= u (fp32, ld_f(C)), and
 // Tm = (I + A)^-1 (fp32, ld_f(C)) by wy_substitute. Requires blockDim.x == 256. Ends with a block barrier.
 template <int KP, typename T>

@@ -163,22 +163,20 @@ __global__ void __launch_bounds__(256, KP <= 128 ? 3 : 1) wy_fwd_kernel(FwdParam
   }
   __syncthreads();
   {
-    if (threadIdx.x < 128) {  // Tm by thread pairs (wy_substitute_pair): thread (j, hf) holds rows 32 hf.. of column j
-      float t[C / 2];
-      chunk::wy_substitute_pair(s.KKE, s.beta, t);
-      const int j = threadIdx.x / 2, r0t = 32 * (threadIdx.x % 2);
-      const float bj = s.beta[j], bgj = bj * __expf(s.gam[j]);
+    float t[C / 4];
+    chunk::wy_substitute(s.KKE, s.beta, t);
+    const int j = threadIdx.x / 4;
+    const float bj = s.beta[j], bgj = bj * __expf(s.gam[j]);
 #pragma unroll
-      for (int i = 0; i < C / 2; ++i) {
-        s.Tw[(r0t + i) * ld_h(C) + j] = tile::from_f<T>(t[i] * bgj);
-        s.Tu[(r0t + i) * ld_h(C) + j] = tile::from_f<T>(t[i] * bj);
-      }
-      if (p.tm) {  // the backward's recompute keeps Tm (16-bit) for chunk_bwd
-        T* tm = static_cast<T*>(p.tm) + (tok0 * H + h) * C + j;
+    for (int i = 0; i < C / 4; ++i) {
+      s.Tw[chunk::wy_row(i) * ld_h(C) + j] = tile::from_f<T>(t[i] * bgj);
+      s.Tu[chunk::wy_row(i) * ld_h(C) + j] = tile::from_f<T>(t[i] * bj);
+    }
+    if (p.tm) {  // the backward's recompute keeps Tm (16-bit) for chunk_bwd
+      T* tm = static_cast<T*>(p.tm) + (tok0 * H + h) * C + j;
 #pragma unroll
-        for (int i = 0; i < C / 2; ++i)
-          if (r0t + i < rows) tm[(r0t + i) * H * C] = tile::from_f<T>(t[i]);
-      }
+      for (int i = 0; i < C / 4; ++i)
+        if (chunk::wy_row(i) < rows) tm[chunk::wy_row(i) * H * C] = tile::from_f<T>(t[i]);
     }
   }
   __syncthreads();  // from here KKE is dead: its space is the warps' staging rows (8 x 2 KB) for the W / U stores
