@@ -5,7 +5,6 @@
 #include "emu.h"
 #undef __shared__
 #define __shared__ static
-inline void __syncwarp(unsigned = 0xffffffffu) { cur_warp().bar.arrive_and_wait(); }
 template <class X> inline X __ldcs(const X* p) { return *p; }
 template <class X> inline void __stcs(X* p, X v) { *p = v; }
 #include "delta_rule/step_kernel.cuh"
