@@ -7,12 +7,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <limits>
-#include <string>
 
 #include "common/alloc.h"
 #include "common/checks.h"
+#include "common/env.h"
 #include "delta_rule/delta_rule.h"
 #include "delta_rule/launch.h"
 
@@ -32,8 +31,7 @@ bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr(
 // benchmarks; unset or anything else: the widest block the value columns fill). Read once.
 int state_warps_override() {
   static const int w = [] {
-    const char* e = std::getenv("LINFLOW_STATE_WARPS");
-    const int v = e ? std::atoi(e) : 0;
+    const int v = env_int("LINFLOW_STATE_WARPS");
     return (v == 1 || v == 2 || v == 4 || v == 8) ? v : 0;
   }();
   return w;
@@ -41,30 +39,21 @@ int state_warps_override() {
 
 // LINFLOW_STATE_MMA=sync runs the mma.sync state passes on Hopper too (A/B against the wgmma ones). Read once.
 bool state_mma_sync() {
-  static const bool v = [] {
-    const char* e = std::getenv("LINFLOW_STATE_MMA");
-    return e != nullptr && std::string(e) == "sync";
-  }();
+  static const bool v = env_is("LINFLOW_STATE_MMA", "sync");
   return v;
 }
 
 // The decode step runs step_kernel_v2 where it covers the shape (H100, B64 H16 K=V=128 in a CUDA graph: 52.9 us,
 // 85% of copy, against 60.1 us for step_kernel); LINFLOW_STEP_KERNEL=v1 forces step_kernel (A/B). Read once.
 bool step_kernel_v2() {
-  static const bool v = [] {
-    const char* e = std::getenv("LINFLOW_STEP_KERNEL");
-    return e == nullptr || std::string(e) != "v1";
-  }();
+  static const bool v = !env_is("LINFLOW_STEP_KERNEL", "v1");
   return v;
 }
 
 // The backward runs its dVn / dS pass on a second stream beside the recompute of h (launch_chunk_backward);
 // LINFLOW_BWD_STREAMS=1 keeps it on one stream (A/B). Read once.
 bool backward_on_two_streams() {
-  static const bool v = [] {
-    const char* e = std::getenv("LINFLOW_BWD_STREAMS");
-    return e == nullptr || std::string(e) != "1";
-  }();
+  static const bool v = !env_is("LINFLOW_BWD_STREAMS", "1");
   return v;
 }
 

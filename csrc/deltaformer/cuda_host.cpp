@@ -9,14 +9,13 @@
 // Everything else (fp32 inputs, other head dims, empty inputs) takes the ATen chunk form end to end, as before.
 #ifdef LINFLOW_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
-#include <cstdlib>
-#include <string>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "common/alloc.h"
 #include "common/checks.h"
+#include "common/env.h"
 #include "deltaformer/deltaformer.h"
 #include "deltaformer/read.h"
 #include "deltaformer/write.h"
@@ -113,20 +112,14 @@ bool use_kernels(const Tensor& q, const Shapes& s) { return read_kernels_support
 
 // LINFLOW_DELTAFORMER_WRITE=aten: the ATen write pass even where the kernel runs (A/B measurements). Read once.
 bool write_kernel_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("LINFLOW_DELTAFORMER_WRITE");
-    return e == nullptr || std::string(e) != "aten";
-  }();
+  static const bool on = !env_is("LINFLOW_DELTAFORMER_WRITE", "aten");
   return on;
 }
 
 // LINFLOW_DELTAFORMER_WRITE_BWD=aten: the ATen write-pass backward even where the kernels (write_bwd_kernel.cu)
 // run (A/B measurements). Read once.
 bool write_bwd_kernel_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("LINFLOW_DELTAFORMER_WRITE_BWD");
-    return e == nullptr || std::string(e) != "aten";
-  }();
+  static const bool on = !env_is("LINFLOW_DELTAFORMER_WRITE_BWD", "aten");
   return on;
 }
 

@@ -13,10 +13,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <string>
 
 #include "common/alloc.h"
+#include "common/env.h"
 #include "lion/launch.h"
 #include "lion/lion.h"
 
@@ -31,8 +31,7 @@ bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr(
 // unset or anything else: sweep_block_columns' rule). Read once.
 int block_columns_override() {
   static const int w = [] {
-    const char* e = std::getenv("LINFLOW_LION_COLUMNS");
-    const int v = e ? std::atoi(e) : 0;
+    const int v = env_int("LINFLOW_LION_COLUMNS");
     return (v == 64 || v == 128) ? v : 0;
   }();
   return w;
@@ -45,10 +44,7 @@ bool use_kernels(const Config& c, const Tensor& q) {
 
 // LINFLOW_LION_BWD=aten: lion_bwd on the ATen form even where the sweep kernels run (A/B). Read once.
 bool bwd_kernels_requested() {
-  static const bool on = [] {
-    const char* e = std::getenv("LINFLOW_LION_BWD");
-    return e == nullptr || std::string(e) != "aten";
-  }();
+  static const bool on = !env_is("LINFLOW_LION_BWD", "aten");
   return on;
 }
 
