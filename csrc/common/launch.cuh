@@ -14,10 +14,6 @@ cudaError_t launch_kernel(Kernel kernel, dim3 grid, int threads, size_t smem, co
   return cudaGetLastError();
 }
 
-}  // namespace linflow
-
-namespace linflow {
-
 // Two streams serving one op: work queued on `side` after the fork runs after everything queued on `main` before
 // it; `main` waits for all of `side`'s work at join() (or destruction, which joins even after an error, so a CUDA
 // graph capture stays a closed fork/join). handoff(from, to): `to` waits for what `from` has queued so far.

@@ -62,6 +62,18 @@ cudaError_t multiprocessors(int& sms) {
   return err;
 }
 
+// Grid of the wgmma state passes: 64-column state slices x heads x sequences.
+dim3 wg_state_grid(const FwdParams& p, int64_t N) {
+  return dim3(static_cast<unsigned>((p.V + kWgColumns - 1) / kWgColumns), static_cast<unsigned>(p.H),
+              static_cast<unsigned>(N));
+}
+
+// Whether one block a multiprocessor holds that whole grid (then the sequential passes leave multiprocessors idle).
+bool wg_state_grid_fits(const FwdParams& p, int64_t N, int sms) {
+  const dim3 g = wg_state_grid(p, N);
+  return static_cast<int64_t>(g.x) * g.y * g.z <= sms;
+}
+
 template <typename F>
 cudaError_t with_head_tiles(int64_t K, F&& f) {
   if (K <= 64) return f(std::integral_constant<int, 64>{}, std::integral_constant<int, 64>{});
@@ -88,12 +100,11 @@ cudaError_t launch_state_fwd(const FwdParams& p, int64_t N, cudaStream_t stream)
     if constexpr (KP <= 128) {
       if (use_wgmma_state(p)) {
         // Three stages (one block a multiprocessor) where the grid leaves multiprocessors idle, else two (two).
-        const unsigned nvw = static_cast<unsigned>((p.V + kWgColumns - 1) / kWgColumns);
-        const dim3 grid(nvw, H, static_cast<unsigned>(N));
+        const dim3 grid = wg_state_grid(p, N);
         int sms = 0;
         const cudaError_t err = multiprocessors(sms);
         if (err != cudaSuccess) return err;
-        if (static_cast<int64_t>(nvw) * H * N <= sms)
+        if (wg_state_grid_fits(p, N, sms))
           return launch(state_fwd_wg_kernel<KP, 3, T>, grid, StateWgSmem<KP, 3, T>::carve(nullptr, nullptr, 2, 1) +
                         wgmma::kAlign, p, stream, 128);
         return launch(state_fwd_wg_kernel<KP, 2, T>, grid, StateWgSmem<KP, 2, T>::carve(nullptr, nullptr, 2, 1) +
@@ -152,16 +163,14 @@ cudaError_t backward(BwdParams& b, int64_t slots, int64_t N, cudaStream_t main, 
       int sms = 0;
       cudaError_t err = multiprocessors(sms);
       if (err != cudaSuccess) return err;
-      const int64_t state_blocks = (b.f.V + kWgColumns - 1) / kWgColumns * b.f.H * N;
-      StreamFork fork(main, state_blocks <= sms ? side : main);
+      StreamFork fork(main, wg_state_grid_fits(b.f, N, sms) ? side : main);
       err = fork.status();
       if (err == cudaSuccess) err = launch_chunk_local<T, true>(b, slots, fork.side());
       if (err == cudaSuccess) err = launch_wy<T>(b.f, slots, fork.main());
       if (err == cudaSuccess) err = fork.handoff(fork.main(), fork.side());
       if (err == cudaSuccess) {
         if (use_wgmma_state(b.f)) {
-          const unsigned nvw = static_cast<unsigned>((b.f.V + kWgColumns - 1) / kWgColumns);
-          err = launch(state_bwd_wg_kernel<KP, 2, T>, dim3(nvw, H, static_cast<unsigned>(N)),
+          err = launch(state_bwd_wg_kernel<KP, 2, T>, wg_state_grid(b.f, N),
                        StateWgSmem<KP, 2, T>::carve(nullptr, nullptr, 3, 2) + wgmma::kAlign, b, fork.side(), 128);
         } else {
           err = with_state_warps(b.f.V, 4, b.f.state_warps, [&](auto nw) {

@@ -99,6 +99,23 @@ __device__ __forceinline__ void store_columns(T* dst, int64_t row_stride, T* st,
   }
 }
 
+// A chunk's result X^T (Vn^T or dVn^T: this warp's 16 state columns x the chunk's rows, accumulator layout) to dst
+// ([tokens, H, V] rows from the block's first column): staged 16-byte stores where the vector path applies
+// (vcols >= 0, warp_vector_cols), else element stores (combine_rows with the identity; Y any padded C x 64 tile).
+template <typename T>
+__device__ __forceinline__ void store_chunk_columns(T* dst, int64_t row_stride, float (&X)[C / 8][4], const T* Y,
+                                                    T* stage, const StateBlock<4>& sb, int rows, int vcols) {
+  if (vcols >= 0) {
+    uint32_t f[C / 16][4];
+#pragma unroll
+    for (int rb = 0; rb < C / 16; ++rb) mma::acc_to_a<T>(f[rb], X, rb);
+    store_columns<C / 16>(dst + 16 * sb.warp, row_stride, stage, f, rows, vcols);
+  } else {
+    combine_rows<kWgColumns, T>(X, Y, dst, row_stride, sb.ua, sb.ub, rows, sb.cols,
+                                [](float, float x, int, int) { return x; });
+  }
+}
+
 // Where the vector path applies (16-byte stores of whole 8-column pieces): this warp's valid columns, else -1.
 __device__ __forceinline__ int warp_vector_cols(const StateBlock<4>& sb) {
   return sb.vec_v ? max(0, min(16, sb.cols - 16 * sb.warp)) : -1;
@@ -143,12 +160,12 @@ __device__ __forceinline__ void prefetch_chunk(const StateWgSmem<KP, ST, T>& s, 
 
 template <int KP, int ST, typename T>
 __global__ void __launch_bounds__(128) state_fwd_wg_kernel(FwdParams p) {
-  constexpr int BV = kWgColumns, NK = KP / 8, NR = C / 8;
+  constexpr int NK = KP / 8, NR = C / 8;
   extern __shared__ __align__(128) char smem_raw[];
   StateWgSmem<KP, ST, T> s;
   StateWgSmem<KP, ST, T>::carve(align_smem(smem_raw), &s, 2, 1);
   const StateBlock<4> sb(p);
-  const int v0 = sb.v0, h = sb.h, n = sb.n, cols = sb.cols, ua = sb.ua, ub = sb.ub, warp = sb.warp;
+  const int v0 = sb.v0, h = sb.h, n = sb.n, ua = sb.ua, ub = sb.ub, warp = sb.warp;
   const int64_t H = p.H, K = p.K, V = p.V, bos = sb.bos, slot0 = sb.slot0, nc = sb.nc;
   const int vcols = warp_vector_cols(sb);
   T* stage = s.stage + warp * KP * 16;
@@ -188,16 +205,8 @@ __global__ void __launch_bounds__(128) state_fwd_wg_kernel(FwdParams p) {
     for (int j = 0; j < NR; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) X[j][e] = frag_at<T>(ua_frag, j, e) - X[j][e];  // Vn^T = U^T - S^T W^T
-    T* vn_dst = static_cast<T*>(p.vn) + (tok0 * H + h) * V + v0;
-    if (vcols >= 0) {
-      uint32_t vf[C / 16][4];
-#pragma unroll
-      for (int rb = 0; rb < C / 16; ++rb) mma::acc_to_a<T>(vf[rb], X, rb);
-      store_columns<C / 16>(vn_dst + 16 * warp, H * V, stage, vf, rows, vcols);
-    } else {
-      combine_rows<BV, T>(X, pick3(s.Y[0], b), vn_dst, H * V, ua, ub, rows, cols,
-                          [](float, float vn, int, int) { return vn; });
-    }
+    store_chunk_columns<T>(static_cast<T*>(p.vn) + (tok0 * H + h) * V + v0, H * V, X, pick3(s.Y[0], b), stage, sb,
+                           rows, vcols);
     uint32_t va[C / 16][4];
 #pragma unroll
     for (int rb = 0; rb < C / 16; ++rb) mma::acc_to_a_scaled<T>(va[rb], X, gt.kd, rb);
@@ -216,13 +225,13 @@ __global__ void __launch_bounds__(128) state_fwd_wg_kernel(FwdParams p) {
 
 template <int KP, int ST, typename T>
 __global__ void __launch_bounds__(128) state_bwd_wg_kernel(BwdParams bp) {
-  constexpr int BV = kWgColumns, NK = KP / 8, NR = C / 8;
+  constexpr int NK = KP / 8, NR = C / 8;
   extern __shared__ __align__(128) char smem_raw[];
   const FwdParams& p = bp.f;
   StateWgSmem<KP, ST, T> s;
   StateWgSmem<KP, ST, T>::carve(align_smem(smem_raw), &s, 3, 2);
   const StateBlock<4> sb(p);
-  const int v0 = sb.v0, h = sb.h, n = sb.n, cols = sb.cols, ua = sb.ua, ub = sb.ub, warp = sb.warp;
+  const int v0 = sb.v0, h = sb.h, n = sb.n, ua = sb.ua, ub = sb.ub, warp = sb.warp;
   const int64_t H = p.H, K = p.K, V = p.V, bos = sb.bos, slot0 = sb.slot0, nc = sb.nc;
   const int vcols = warp_vector_cols(sb);
   T* stage = s.stage + warp * KP * 16;
@@ -273,16 +282,8 @@ __global__ void __launch_bounds__(128) state_bwd_wg_kernel(BwdParams bp) {
     for (int j = 0; j < NR; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) Y[j][e] = frag_at<T>(pf, j, e) + gt.kd[j][e & 1] * Y[j][e];  // dVn^T
-    T* dvn_dst = static_cast<T*>(bp.dvn) + (tok0 * H + h) * V + v0;
-    if (vcols >= 0) {
-      uint32_t df[C / 16][4];
-#pragma unroll
-      for (int rb = 0; rb < C / 16; ++rb) mma::acc_to_a<T>(df[rb], Y, rb);
-      store_columns<C / 16>(dvn_dst + 16 * warp, H * V, stage, df, rows, vcols);
-    } else {
-      combine_rows<BV, T>(Y, pick3(s.Y[1], b), dvn_dst, H * V, ua, ub, rows, cols,
-                          [](float, float dvn, int, int) { return dvn; });
-    }
+    store_chunk_columns<T>(static_cast<T*>(bp.dvn) + (tok0 * H + h) * V + v0, H * V, Y, pick3(s.Y[1], b), stage, sb,
+                           rows, vcols);
     uint32_t na[C / 16][4];  // -dVn^T
 #pragma unroll
     for (int rb = 0; rb < C / 16; ++rb) {
